@@ -1,0 +1,109 @@
+"""An MoE FFN: router + dispatch + experts. Auxiliary losses and statistics travel by return value.
+
+Axis legend: T time, B batch, N routed (non-pad) tokens, C channels, E experts (or pruned FFNs),
+P language pairs.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import dispatch as D
+from .experts import ExpertFFNs
+from .losses import load_balancing_loss, router_z_loss
+from .routing import RoutingDecision, TaskIds
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports for one forward pass.
+
+    balance_loss, z_loss: scalars (0 for frozen routing); expert_counts [E]: kept assignments per
+    expert; dropped: assignments over capacity; assignments: N * K;
+    counts_by_pair [P, E]: kept assignments per (language pair id, expert), when ids are known.
+    """
+
+    balance_loss: Tensor
+    z_loss: Tensor
+    expert_counts: Tensor
+    dropped: Tensor
+    assignments: int
+    counts_by_pair: Optional[Tensor] = None
+
+
+class MoELayer(nn.Module):
+    """Replaces a transformer FFN. `router` is a learned gate (routing.Router) or, in a pruned
+    model, a routing.FrozenTaskRouting; `experts` holds the FFNs the router's indices refer to.
+
+    capacity_factor applies to token routing in training only; eval_capacity_factor (None:
+    dropless) to token routing in eval. Task and sentence routing are always dropless.
+    """
+
+    def __init__(self, router: nn.Module, experts: ExpertFFNs, capacity_factor: Optional[float],
+                 eval_capacity_factor: Optional[float] = None):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+
+    @property
+    def kind(self) -> str:
+        return self.router.kind
+
+    def _capacity(self, decision: RoutingDecision) -> Optional[int]:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.kind != "token" or factor is None or factor <= 0:
+            return None
+        N, K = decision.expert_indices.shape
+        return D.expert_capacity(N, K, len(self.experts), factor)
+
+    def forward(
+        self,
+        x: Tensor,
+        pad_mask: Optional[Tensor] = None,
+        task_ids: Optional[TaskIds] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+    ):
+        """x: [T, B, C]; pad_mask: [B, T] bool, True at pads. Returns ([T, B, C], MoEStats).
+
+        Pads are not routed: they get a zero FFN output and count in no statistic or loss.
+        Stats are None in incremental decoding, where nothing consumes them.
+        """
+        T, B, _ = x.shape
+        if pad_mask is None:
+            routed = torch.ones(T, B, dtype=torch.bool, device=x.device)
+        else:
+            routed = ~pad_mask.t()  # [T, B]
+        tokens = x[routed]  # [N, C]
+        decision = self.router(x, routed, task_ids=task_ids, incremental_state=incremental_state)
+        plan = D.make_plan(decision.expert_indices, len(self.experts), self._capacity(decision))
+        expert_out = self.experts(D.dispatch(tokens, plan), plan.group_sizes())  # [A, C]
+        combined = D.combine(expert_out, decision.expert_weights, plan, tokens.size(0))  # [N, C]
+        out = x.new_zeros(x.shape)
+        out[routed] = combined
+        if incremental_state is not None:
+            return out, None
+        return out, self._stats(decision, plan, routed, task_ids)
+
+    def _stats(self, decision, plan, routed, task_ids) -> MoEStats:
+        E = len(self.experts)
+        counts_by_pair = None
+        if task_ids is not None:
+            P = task_ids.num_langs ** 2
+            rows = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]
+            pair = task_ids.for_routing("lang_pair")[rows][plan.token_index]  # [A]
+            expert = torch.repeat_interleave(
+                torch.arange(E, device=routed.device), plan.expert_counts)  # [A]
+            counts_by_pair = torch.bincount(pair * E + expert, minlength=P * E).view(P, E)
+        return MoEStats(
+            balance_loss=load_balancing_loss(decision, E),
+            z_loss=router_z_loss(decision),
+            expert_counts=plan.expert_counts,
+            dropped=plan.dropped,
+            assignments=decision.expert_indices.numel(),
+            counts_by_pair=counts_by_pair,
+        )

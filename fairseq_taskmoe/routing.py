@@ -1,0 +1,232 @@
+"""Gates: turn a layer's input (or a task id) into a routing decision.
+
+Axis legend: T time, B batch, N routed (non-pad) tokens, C channels, E experts, K top-k,
+P number of task ids.
+
+Every gate returns router logits for each routed token ([N, E], fp32); `top_k_route` turns logits
+into a `RoutingDecision`. Gates know nothing about dispatch or experts. Nothing here is random, so
+routing in eval mode is a pure function of the gate's input: for task gates, of the task id alone,
+which is what makes per-task pruning exact.
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ROUTING_KINDS = ("token", "sentence", "target", "lang_pair")
+TASK_ROUTING_KINDS = ("target", "lang_pair")
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Which experts each routed token goes to, and with what weight.
+
+    expert_indices: [N, K] long; expert_weights: [N, K] fp32 (sum to 1 when K > 1);
+    router_logits: [N, E] fp32 (None for frozen routing, which has no router).
+    """
+
+    expert_indices: Tensor
+    expert_weights: Tensor
+    router_logits: Optional[Tensor] = None
+
+    @property
+    def router_probs(self) -> Tensor:
+        return torch.softmax(self.router_logits, dim=-1)
+
+
+@dataclass(frozen=True)
+class TaskIds:
+    """Per-row language ids of a batch; both task kinds are derived from them.
+
+    src_lang, tgt_lang: [B] long, indices into the run's `--langs` list. The language-pair id is
+    `src * L + tgt`, defined for every ordered pair, so zero-shot pairs have an id too.
+    """
+
+    src_lang: Tensor
+    tgt_lang: Tensor
+    num_langs: int
+
+    def num_tasks(self, kind: str) -> int:
+        return num_task_ids(kind, self.num_langs)
+
+    def for_routing(self, kind: str) -> Tensor:
+        if kind == "target":
+            return self.tgt_lang
+        if kind == "lang_pair":
+            return self.src_lang * self.num_langs + self.tgt_lang
+        raise ValueError(f"{kind!r} routing uses no task ids")
+
+    def index_select(self, order: Tensor) -> "TaskIds":
+        """Rows reordered (beam search) or expanded (one row per beam)."""
+        return TaskIds(self.src_lang.index_select(0, order), self.tgt_lang.index_select(0, order),
+                       self.num_langs)
+
+
+def num_task_ids(kind: str, num_langs: int) -> int:
+    return num_langs if kind == "target" else num_langs * num_langs
+
+
+def top_k_route(logits: Tensor, k: int) -> RoutingDecision:
+    """GShard top-k: softmax over all experts, keep the k largest.
+
+    With k > 1 the kept weights are renormalised to sum to 1 (GShard top-2). With k = 1 the raw
+    probability is kept (Switch), otherwise the gate would get no gradient.
+    """
+    logits = logits.float()  # gating math in fp32 whatever the model dtype
+    probs = torch.softmax(logits, dim=-1)
+    weights, indices = probs.topk(k, dim=-1)  # [N, K]
+    if k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return RoutingDecision(indices, weights, logits)
+
+
+class Router(nn.Module):
+    """Base of the learned gates: `logits()` per routed token, then GShard top-k."""
+
+    kind = ""
+
+    def __init__(self, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+
+    def forward(self, x: Tensor, routed: Tensor, **context) -> RoutingDecision:
+        """x: [T, B, C]; routed: [T, B] bool (non-pad). Returns the decision for the N routed."""
+        return top_k_route(self.logits(x, routed, **context), self.top_k)
+
+
+class TokenGate(Router):
+    """GShard gate on each token's representation."""
+
+    kind = "token"
+
+    def __init__(self, embed_dim: int, num_experts: int, top_k: int):
+        super().__init__(top_k)
+        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+
+    def logits(self, x: Tensor, routed: Tensor, **unused) -> Tensor:
+        return F.linear(x[routed].float(), self.wg.weight.float())  # [N, E]
+
+
+class SentenceGate(Router):
+    """Gate on the mean of the sentence's non-pad token representations.
+
+    Encoder: the mean over the whole source sentence. Decoder (`causal=True`): the mean over the
+    target prefix up to and including each position, so that generation, which sees only the
+    prefix, routes exactly as training did. In incremental decoding the running sum and count are
+    kept in the incremental state.
+    """
+
+    kind = "sentence"
+
+    def __init__(self, embed_dim: int, num_experts: int, top_k: int, causal: bool):
+        super().__init__(top_k)
+        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+        self.causal = causal
+        self.state_key = f"sentence_gate.{uuid.uuid4().hex}"  # unique slot in incremental_state
+
+    def logits(
+        self,
+        x: Tensor,
+        routed: Tensor,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        **unused,
+    ) -> Tensor:
+        mask = routed.unsqueeze(-1).to(torch.float32)  # [T, B, 1]
+        x = x.float() * mask
+        if not self.causal:
+            summary = x.sum(0, keepdim=True) / mask.sum(0, keepdim=True).clamp(min=1)  # [1, B, C]
+            summary = summary.expand_as(x)
+        elif incremental_state is None:
+            summary = x.cumsum(0) / mask.cumsum(0).clamp(min=1)  # [T, B, C]
+        else:
+            summary = self._incremental_mean(x, mask, incremental_state)
+        return F.linear(summary[routed], self.wg.weight.float())  # [N, E]
+
+    def _incremental_mean(self, x, mask, incremental_state):
+        saved = incremental_state.get(self.state_key)
+        total = x.sum(0) if saved is None else saved["sum"] + x.sum(0)  # [B, C]
+        count = mask.sum(0) if saved is None else saved["count"] + mask.sum(0)  # [B, 1]
+        incremental_state[self.state_key] = {"sum": total, "count": count}
+        # the (single) position of this step sees the prefix up to the current token
+        return (total / count.clamp(min=1)).unsqueeze(0).expand_as(x)
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        """Called by fairseq's beam search for every module that defines it."""
+        saved = incremental_state.get(self.state_key)
+        if saved is not None:
+            incremental_state[self.state_key] = {
+                name: value.index_select(0, new_order) for name, value in saved.items()
+            }
+
+
+def _task_ids_or_fail(task_ids: Optional[TaskIds], what: str) -> TaskIds:
+    if task_ids is None:
+        raise RuntimeError(
+            f"{what} got no task ids: use --task translation_task_moe, which gives every row its "
+            "source and target language ids"
+        )
+    return task_ids
+
+
+class TaskGate(Router):
+    """Gate on a task id (target language or language pair): `G = GATE(task_id)`.
+
+    A learned logit table, i.e. a linear gate on the one-hot task id. Every token of a row gets
+    the row's logits, so the whole row goes to the same k experts.
+    """
+
+    def __init__(self, kind: str, num_tasks: int, num_experts: int, top_k: int):
+        super().__init__(top_k)
+        self.kind = kind
+        self.wg = nn.Embedding(num_tasks, num_experts)
+        nn.init.normal_(self.wg.weight, std=1.0)  # distinct logits per task: no ties at init
+
+    def logits(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
+        ids = _task_ids_or_fail(task_ids, "task-routed MoE layer").for_routing(self.kind)  # [B]
+        logits = self.wg.weight.float()[ids]  # [B, E]
+        return logits.unsqueeze(0).expand(routed.size(0), -1, -1)[routed]  # [N, E]
+
+
+class FrozenTaskRouting(nn.Module):
+    """The router of a pruned layer: a fixed table task id -> (FFN indices, weights).
+
+    Buffers `slot_indices` [P, S] long (-1 for a task the layer does not serve) and `slot_weights`
+    [P, S] fp32, where S is the number of FFNs one task uses after pruning (1 when its experts were
+    merged). The pruner fills them from the full model's eval-mode decisions.
+    """
+
+    def __init__(self, kind: str, num_tasks: int, slots: int, served: str):
+        super().__init__()
+        self.kind = kind
+        self.served = served  # human-readable, for the error below
+        self.register_buffer("slot_indices", torch.full((num_tasks, slots), -1, dtype=torch.long))
+        self.register_buffer("slot_weights", torch.zeros(num_tasks, slots))
+
+    def forward(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
+        ids = _task_ids_or_fail(task_ids, "pruned MoE layer").for_routing(self.kind)  # [B]
+        indices = self.slot_indices[ids]  # [B, S]
+        if (indices < 0).any():
+            raise RuntimeError(
+                f"this pruned checkpoint serves only {self.served}, but the batch asks for "
+                "another task. Translate it with the full checkpoint, or prune for that task."
+            )
+        T = routed.size(0)
+        indices = indices.unsqueeze(0).expand(T, -1, -1)[routed]  # [N, S]
+        weights = self.slot_weights[ids].unsqueeze(0).expand(T, -1, -1)[routed]  # [N, S]
+        return RoutingDecision(indices, weights, None)
+
+
+def build_router(kind: str, embed_dim: int, num_experts: int, top_k: int, num_langs: int,
+                 causal: bool) -> Router:
+    if kind == "token":
+        return TokenGate(embed_dim, num_experts, top_k)
+    if kind == "sentence":
+        return SentenceGate(embed_dim, num_experts, top_k, causal)
+    if kind in TASK_ROUTING_KINDS:
+        return TaskGate(kind, num_task_ids(kind, num_langs), num_experts, top_k)
+    raise ValueError(f"unknown MoE routing {kind!r}; choose one of {', '.join(ROUTING_KINDS)}")
