@@ -29,6 +29,7 @@ from .moe_layer import MoELayer
 from .routing import TASK_ROUTING_KINDS, TaskIds
 
 MODEL_NAME = "task_moe_transformer"
+DEFAULT_MAX_POSITIONS = 1024  # as fairseq's transformer
 
 
 def _moe_layer_names(layers, prefix: str) -> List[str]:
@@ -183,6 +184,9 @@ class TaskMoETransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         task_moe_base(args)
+        for name in ("max_source_positions", "max_target_positions"):
+            if getattr(args, name, None) is None:
+                setattr(args, name, DEFAULT_MAX_POSITIONS)
         moe = configure_moe(args, task)
         cfg = TransformerConfig.from_namespace(args)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
