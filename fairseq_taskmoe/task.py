@@ -107,6 +107,16 @@ class TranslationTaskMoE(TranslationMultiSimpleEpochTask):
         return LangIdDataset(dataset, self.lang_index(self.args.source_lang),
                              self.lang_index(self.args.target_lang))
 
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """fairseq-interactive builds its own batches with only src_tokens/src_lengths: rows then
+        get the ids of the pair being translated (--source-lang/--target-lang)."""
+        net_input = sample["net_input"]
+        if "src_lang_idx" not in net_input and self.args.source_lang and self.args.target_lang:
+            rows = net_input["src_tokens"].new_ones(net_input["src_tokens"].size(0))
+            net_input["src_lang_idx"] = rows * self.lang_index(self.args.source_lang)
+            net_input["tgt_lang_idx"] = rows * self.lang_index(self.args.target_lang)
+        return super().inference_step(generator, models, sample, prefix_tokens, constraints)
+
     def build_model(self, args, from_checkpoint=False):
         check_pruned_serves(args, self.args.source_lang, self.args.target_lang)
         return super().build_model(args, from_checkpoint)

@@ -44,6 +44,7 @@ def build_task_and_model(data: Path, extra=(), seed=0):
 
 
 def first_batch(task, split="valid", max_tokens=400):
-    task.load_dataset(split)
+    if split not in task.datasets:
+        task.load_dataset(split)
     itr = task.get_batch_iterator(task.dataset(split), max_tokens=max_tokens, seed=1)
     return next(itr.next_epoch_itr(shuffle=False))

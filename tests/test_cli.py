@@ -1,0 +1,130 @@
+"""End to end through the real command lines: fairseq-train -> taskmoe-prune -> fairseq-generate
+(and fairseq-interactive), on tiny generated data."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROUTINGS, TASK_FLAGS
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+def run(cmd, check=True, **kwargs):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV,
+                          cwd=REPO, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(data, save_dir, routing_flags, updates):
+    return run([BIN / "fairseq-train", data, "--user-dir", "user_dir", *TASK_FLAGS,
+                "--arch", "task_moe_tiny", "--criterion", "moe_label_smoothed_cross_entropy",
+                "--label-smoothing", "0.1", "--share-all-embeddings", "--optimizer", "adam",
+                "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
+                "--max-tokens", "1500", "--max-update", updates, "--cpu", "--seed", "1",
+                "--save-dir", save_dir, "--no-epoch-checkpoints", "--no-last-checkpoints",
+                "--log-format", "simple", "--log-interval", "5", "--num-workers", "0",
+                *routing_flags])
+
+
+def generate(data, checkpoint, pair="en-fr", check=True):
+    src, tgt = pair.split("-")
+    return run([BIN / "fairseq-generate", data, "--user-dir", "user_dir", *TASK_FLAGS,
+                "--source-lang", src, "--target-lang", tgt, "--gen-subset", "test",
+                "--path", checkpoint, "--beam", "4", "--max-tokens", "2000", "--cpu"],
+               check=check)
+
+
+def hypotheses(stdout):
+    """{sentence id: (score, hypothesis)} from fairseq-generate's H- lines."""
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("H-"):
+            key, score, *hyp = line.split("\t")
+            out[int(key[2:])] = (float(score), hyp[0] if hyp else "")
+    return out
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_train_and_generate_with_each_routing(tiny_data, tmp_path, routing):
+    proc = train(tiny_data, tmp_path, ["--encoder-moe-routing", routing,
+                                      "--decoder-moe-routing", routing], updates=6)
+    log = proc.stdout + proc.stderr
+    assert re.search(r"moe_top_share_enc1[ =]\d", log), "expert usage must be in the logs"
+    assert re.search(r"moe_overflow_dec1[ =]\d", log)
+    gen = generate(tiny_data, tmp_path / "checkpoint_best.pt")
+    assert len(hypotheses(gen.stdout)) == 24
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A task-MoE (target/target) trained long enough to produce real translations."""
+    save_dir = tmp_path_factory.mktemp("trained")
+    train(tiny_data, save_dir, [], updates=120)
+    return save_dir / "checkpoint_best.pt"
+
+
+def test_train_prune_generate_gives_identical_translations(tiny_data, trained, tmp_path):
+    pruned = tmp_path / "en-fr.pt"
+    proc = run([BIN / "taskmoe-prune", trained, "--lang-pair", "en-fr", "--output", pruned])
+    assert "serves: *-fr" in proc.stdout and "pruned 4 -> 1 FFN" in proc.stdout
+    assert os.path.getsize(pruned) < os.path.getsize(trained) / 2
+    full = hypotheses(generate(tiny_data, trained).stdout)
+    small = hypotheses(generate(tiny_data, pruned).stdout)
+    assert full.keys() == small.keys() and len(full) == 24
+    assert sum(1 for _, h in full.values() if h) >= 20, "the model should really translate"
+    for i in full:
+        assert small[i][1] == full[i][1]
+        assert small[i][0] == pytest.approx(full[i][0], abs=1e-3)  # printed rounding
+    # fairseq-interactive serves the pruned checkpoint too, with the same output
+    text = "e1 e2 e3\ne4 e5\n"
+    outs = [run([BIN / "fairseq-interactive", tiny_data, "--user-dir", "user_dir", *TASK_FLAGS,
+                 "--source-lang", "en", "--target-lang", "fr", "--path", ckpt, "--beam", "4",
+                 "--cpu"], input=text).stdout for ckpt in (trained, pruned)]
+    assert hypotheses(outs[0]).keys() == {0, 1}
+    assert [h for _, h in hypotheses(outs[0]).values()] == \
+        [h for _, h in hypotheses(outs[1]).values()]
+
+
+def test_pruned_checkpoint_refuses_a_task_it_does_not_serve(tiny_data, trained, tmp_path):
+    pruned = tmp_path / "en-fr.pt"
+    run([BIN / "taskmoe-prune", trained, "--lang-pair", "en-fr", "--output", pruned])
+    proc = generate(tiny_data, pruned, pair="en-de", check=False)
+    assert proc.returncode != 0
+    assert "serves only *-fr" in proc.stderr and "cannot translate en-de" in proc.stderr
+
+
+def _prune_fails(args, output, message):
+    proc = run([BIN / "taskmoe-prune", *args, "--output", output], check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    return proc
+
+
+def test_prune_bad_inputs_give_clear_errors_and_write_nothing(trained, tmp_path):
+    out = tmp_path / "out.pt"
+    _prune_fails([trained, "--lang-pair", "en-xx"], out, "unknown language 'xx'")
+    _prune_fails([trained, "--lang-pair", "en-xx"], out, "this checkpoint knows en, de, fr")
+    _prune_fails([tmp_path / "missing.pt", "--lang-pair", "en-de"], out, "does not exist")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(trained.read_bytes()[: os.path.getsize(trained) // 2])
+    _prune_fails([truncated, "--lang-pair", "en-de"], out, "cannot read")
+    dense = tmp_path / "dense.pt"
+    torch.save({"cfg": {"model": None}, "args": None, "model": {}}, dense)
+    _prune_fails([dense, "--lang-pair", "en-de"], out, "not a task-MoE checkpoint")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".taskmoe-prune.*")), "no temporary file left behind"
+    out.write_bytes(b"keep me")
+    _prune_fails([trained, "--lang-pair", "en-de"], out, "exists; pass --force")
+    assert out.read_bytes() == b"keep me"
+    run([BIN / "taskmoe-prune", trained, "--lang-pair", "en-de", "--output", out, "--force"])
+    assert out.stat().st_size > 1000
