@@ -35,7 +35,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" tests
 
 demo: $(STAMP)
-	bash scripts/demo.sh
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -267,17 +267,19 @@ def task_moe_base(args):
     base_architecture(args)
 
 
+def _default_sizes(args, embed_dim: int, ffn_dim: int, layers: int, heads: int):
+    """Set encoder and decoder sizes unless given on the command line."""
+    for side in ("encoder", "decoder"):
+        for name, value in (("embed_dim", embed_dim), ("ffn_embed_dim", ffn_dim),
+                            ("layers", layers), ("attention_heads", heads)):
+            setattr(args, f"{side}_{name}", getattr(args, f"{side}_{name}", value))
+
+
 @register_model_architecture(MODEL_NAME, "task_moe_small")
 def task_moe_small(args):
-    """The demo size: d=128, 3+3 layers, 8 experts of FFN dim 512."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 128)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 512)
-    args.encoder_layers = getattr(args, "encoder_layers", 3)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 128)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 512)
-    args.decoder_layers = getattr(args, "decoder_layers", 3)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    """The demo size: d=128, 4+4 layers (MoE in layers 1 and 3 of each side), 8 experts of
+    FFN dim 512, shared embeddings."""
+    _default_sizes(args, embed_dim=128, ffn_dim=512, layers=4, heads=4)
     args.share_all_embeddings = getattr(args, "share_all_embeddings", True)
     task_moe_base(args)
 
@@ -285,13 +287,6 @@ def task_moe_small(args):
 @register_model_architecture(MODEL_NAME, "task_moe_tiny")
 def task_moe_tiny(args):
     """For tests: d=32, 2+2 layers, 4 experts."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 32)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 64)
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 2)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 32)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 64)
-    args.decoder_layers = getattr(args, "decoder_layers", 2)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 2)
+    _default_sizes(args, embed_dim=32, ffn_dim=64, layers=2, heads=2)
     args.moe_expert_count = getattr(args, "moe_expert_count", 4)
     task_moe_base(args)

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import dispatch as D
 from .experts import ExpertFFNs
 from .losses import load_balancing_loss, router_z_loss
-from .routing import RoutingDecision, TaskIds
+from .routing import FrozenTaskRouting, RoutingDecision, TaskIds
 
 
 @dataclass
@@ -73,6 +73,8 @@ class MoELayer(nn.Module):
         Pads are not routed: they get a zero FFN output and count in no statistic or loss.
         Stats are None in incremental decoding, where nothing consumes them.
         """
+        if isinstance(self.router, FrozenTaskRouting) and self.router.single_ffn(len(self.experts)):
+            return self._single_ffn(x, pad_mask, task_ids, incremental_state)
         T, B, _ = x.shape
         if pad_mask is None:
             routed = torch.ones(T, B, dtype=torch.bool, device=x.device)
@@ -88,6 +90,20 @@ class MoELayer(nn.Module):
         if incremental_state is not None:
             return out, None
         return out, self._stats(decision, plan, routed, task_ids)
+
+    def _single_ffn(self, x, pad_mask, task_ids, incremental_state):
+        """A pruned layer serving one task with its experts merged: the FFN itself, no dispatch
+        (same values: the general path would scale by a weight of exactly 1)."""
+        self.router.check_served(task_ids)
+        out = self.experts.experts[0](x)
+        if pad_mask is not None:  # as in the general path, pads get a zero FFN output
+            out = out.masked_fill(pad_mask.t().unsqueeze(-1), 0.0)
+        if incremental_state is not None:
+            return out, None
+        routed = int(x.shape[0] * x.shape[1] - (pad_mask.sum() if pad_mask is not None else 0))
+        zero = torch.zeros((), device=x.device)
+        return out, MoEStats(zero, zero, expert_counts=torch.tensor([routed]),
+                             dropped=torch.zeros((), dtype=torch.long), assignments=routed)
 
     def _stats(self, decision, plan, routed, task_ids) -> MoEStats:
         E = len(self.experts)

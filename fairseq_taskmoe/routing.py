@@ -207,7 +207,13 @@ class FrozenTaskRouting(nn.Module):
         self.register_buffer("slot_indices", torch.full((num_tasks, slots), -1, dtype=torch.long))
         self.register_buffer("slot_weights", torch.zeros(num_tasks, slots))
 
-    def forward(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
+    def single_ffn(self, num_ffns: int) -> bool:
+        """True when every served task uses the same one FFN with weight 1 (one task, merged):
+        the layer is then just that FFN."""
+        return num_ffns == 1 and self.slot_indices.size(1) == 1
+
+    def check_served(self, task_ids: Optional[TaskIds]) -> Tensor:
+        """The rows' slot indices [B, S]; refuses a row whose task this layer does not serve."""
         ids = _task_ids_or_fail(task_ids, "pruned MoE layer").for_routing(self.kind)  # [B]
         indices = self.slot_indices[ids]  # [B, S]
         if (indices < 0).any():
@@ -215,6 +221,11 @@ class FrozenTaskRouting(nn.Module):
                 f"this pruned checkpoint serves only {self.served}, but the batch asks for "
                 "another task. Translate it with the full checkpoint, or prune for that task."
             )
+        return indices
+
+    def forward(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
+        indices = self.check_served(task_ids)  # [B, S]
+        ids = task_ids.for_routing(self.kind)
         T = routed.size(0)
         indices = indices.unsqueeze(0).expand(T, -1, -1)[routed]  # [N, S]
         weights = self.slot_weights[ids].unsqueeze(0).expand(T, -1, -1)[routed]  # [N, S]

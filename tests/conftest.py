@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # for `import user_dir`
 os.environ.setdefault("PYTHONWARNINGS", "ignore")  # fairseq's FutureWarnings in subprocesses
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -95,6 +95,14 @@ def test_train_prune_generate_gives_identical_translations(tiny_data, trained, t
         [h for _, h in hypotheses(outs[1]).values()]
 
 
+def test_training_resumes_from_a_checkpoint_with_the_stock_cli(tiny_data, trained, tmp_path):
+    """--restore-file goes through fairseq's loader, which torch >= 2.6 would otherwise refuse."""
+    proc = train(tiny_data, tmp_path, ["--restore-file", trained], updates=124)
+    log = proc.stdout + proc.stderr
+    assert "Loaded checkpoint" in log
+    assert re.search(r"num_updates[ =]124", log)
+
+
 def test_pruned_checkpoint_refuses_a_task_it_does_not_serve(tiny_data, trained, tmp_path):
     pruned = tmp_path / "en-fr.pt"
     run([BIN / "taskmoe-prune", trained, "--lang-pair", "en-fr", "--output", pruned])
@@ -128,3 +136,16 @@ def test_prune_bad_inputs_give_clear_errors_and_write_nothing(trained, tmp_path)
     assert out.read_bytes() == b"keep me"
     run([BIN / "taskmoe-prune", trained, "--lang-pair", "en-de", "--output", out, "--force"])
     assert out.stat().st_size > 1000
+
+
+def test_python_api_translates_raw_strings_like_the_cli(tiny_data, trained, tmp_path):
+    from fairseq_taskmoe.hub import load_translator
+
+    pruned = tmp_path / "en-fr.pt"
+    run([BIN / "taskmoe-prune", trained, "--lang-pair", "en-fr", "--output", pruned])
+    outs = []
+    for ckpt in (trained, pruned):
+        mt = load_translator(ckpt, data=tiny_data, source_lang="en", target_lang="fr", beam=4)
+        outs.append(mt.translate(["e1 e2 e3", "e4 e5"], beam=4))
+    assert outs[0] == outs[1]
+    assert all(w.startswith("f") for w in " ".join(outs[0]).split()), outs[0]

@@ -28,10 +28,11 @@ def test_incremental_decoding_equals_full_decoding(tiny_data, enc, dec):
     torch.testing.assert_close(incremental[real], full[real], rtol=1e-4, atol=1e-4)
 
 
-def test_batches_carry_per_row_language_ids(tiny_data):
+@pytest.mark.parametrize("split", ["train", "valid"])  # sampled mixture / concatenation
+def test_batches_carry_per_row_language_ids(tiny_data, split):
     args, task, model = build_task_and_model(tiny_data)
-    task.load_dataset("valid")
-    itr = task.get_batch_iterator(task.dataset("valid"), max_tokens=10000, seed=1)
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(task.dataset(split), max_tokens=10000, seed=1)
     batch = next(itr.next_epoch_itr(shuffle=False))
     net, d = batch["net_input"], task.source_dictionary
     pairs = set()
@@ -42,7 +43,7 @@ def test_batches_carry_per_row_language_ids(tiny_data):
         assert src_words[0] == f"__{tgt}__"  # --encoder-langtok tgt
         assert src_words[1][0] == src[0] and tgt_words[1][0] == tgt[0]  # e7/d7/f7 vocabulary
         pairs.add((src, tgt))
-    assert len(pairs) == 3, "the valid batch mixes all three pairs"
+    assert len(pairs) == 3, "the batch mixes all three pairs"
 
 
 def test_beam_search_keeps_per_row_task_ids(tiny_data):
