@@ -7,9 +7,9 @@
     mt.translate("A man rides a bike.")            # -> German string
     mt.translate(["Two dogs.", "A red car."], beam=4)
 
-This is fairseq's own hub interface (fairseq.hub_utils.GeneratorHubInterface): SentencePiece is
-applied on the way in and removed on the way out, and the task settings (--langs, --lang-pairs,
-language tokens) come from the checkpoint.
+This is fairseq's own hub interface (fairseq.hub_utils.GeneratorHubInterface, minus language
+tokens in the output): SentencePiece is applied on the way in and removed on the way out, and the
+task settings (--langs, --lang-pairs, language tokens) come from the checkpoint.
 """
 
 from argparse import Namespace
@@ -22,6 +22,19 @@ from fairseq.data import encoders
 from . import plugin  # noqa: F401  (registers the model/task, fixes checkpoint loading)
 
 
+class TaskMoEHubInterface(hub_utils.GeneratorHubInterface):
+    """fairseq's hub interface, minus the language tokens (`__de__`) in decoded output, which
+    fairseq-generate strips but the stock hub interface does not."""
+
+    def __init__(self, cfg, task, models):
+        super().__init__(cfg, task, models)
+        tags = (self.tgt_dict.index(f"__{lang}__") for lang in task.langs)
+        self.lang_tokens = {i for i in tags if i != self.tgt_dict.unk()}
+
+    def string(self, tokens):
+        return self.tgt_dict.string(tokens, extra_symbols_to_ignore=self.lang_tokens)
+
+
 def load_translator(checkpoint: str, data: str, source_lang: str, target_lang: str,
                     spm_model: Optional[str] = None, cpu: bool = True, **overrides):
     """A GeneratorHubInterface for one direction. `overrides` are task settings."""
@@ -29,7 +42,7 @@ def load_translator(checkpoint: str, data: str, source_lang: str, target_lang: s
                      **overrides)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(Path(checkpoint))], arg_overrides=overrides)
-    hub = hub_utils.GeneratorHubInterface(cfg, task, models)
+    hub = TaskMoEHubInterface(cfg, task, models)
     if spm_model is not None:
         hub.bpe = encoders.build_bpe(
             Namespace(bpe="sentencepiece", sentencepiece_model=str(spm_model)))

@@ -207,11 +207,16 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[d
     pruned["model"] = new_model
     pruned["last_optimizer_state"] = None  # optimizer state is for training the full model
     pruned["taskmoe_pruned"] = {"served_pairs": served, "merged": merge}
-    report = PruneReport(served, merge, _count(model), _count(new_model), reports)
+    report = PruneReport(served, merge, count_parameters(model), count_parameters(new_model),
+                         reports)
     return pruned, report
 
 
-def _count(model_state: Dict[str, Tensor]) -> int:
-    """Parameters, i.e. floating-point entries (routing tables are integer/bookkeeping)."""
-    return sum(v.numel() for k, v in model_state.items()
-               if v.is_floating_point() and not k.endswith("router.slot_weights"))
+def count_parameters(model_state: Dict[str, Tensor]) -> int:
+    """Parameters in a state dict: floating-point tensors, each stored tensor counted once (tied
+    embeddings appear under several keys), pruned routing tables (bookkeeping) not counted."""
+    seen = {}
+    for key, value in model_state.items():
+        if value.is_floating_point() and not key.endswith(("router.slot_weights", ".version")):
+            seen[(value.data_ptr(), tuple(value.shape))] = value.numel()
+    return sum(seen.values())

@@ -107,6 +107,14 @@ class TranslationTaskMoE(TranslationMultiSimpleEpochTask):
         return LangIdDataset(dataset, self.lang_index(self.args.source_lang),
                              self.lang_index(self.args.target_lang))
 
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        """The parent lacks the prefix_allowed_tokens_fn argument that fairseq's hub interface
+        passes; accept it (unsupported, as in the parent, when actually set)."""
+        if prefix_allowed_tokens_fn is not None:
+            raise NotImplementedError(f"prefix_allowed_tokens_fn is not supported by {TASK_NAME}")
+        return super().build_generator(models, args, seq_gen_cls, extra_gen_cls_kwargs)
+
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         """fairseq-interactive builds its own batches with only src_tokens/src_lengths: rows then
         get the ids of the pair being translated (--source-lang/--target-lang)."""

@@ -122,9 +122,9 @@ def bleu(hyps, ref_path: Path):
 def count_params(checkpoint: Path) -> int:
     import torch
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    return sum(v.numel() for k, v in state.items()
-               if v.is_floating_point() and not k.endswith("slot_weights"))
+    from fairseq_taskmoe.pruning import count_parameters
+
+    return count_parameters(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
 
 
 def main(argv=None):

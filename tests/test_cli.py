@@ -149,3 +149,19 @@ def test_python_api_translates_raw_strings_like_the_cli(tiny_data, trained, tmp_
         outs.append(mt.translate(["e1 e2 e3", "e4 e5"], beam=4))
     assert outs[0] == outs[1]
     assert all(w.startswith("f") for w in " ".join(outs[0]).split()), outs[0]
+    cli = run([BIN / "fairseq-interactive", tiny_data, "--user-dir", "user_dir", *TASK_FLAGS,
+               "--source-lang", "en", "--target-lang", "fr", "--path", pruned, "--beam", "4",
+               "--cpu"], input="e1 e2 e3\ne4 e5\n").stdout
+    assert [h for _, h in hypotheses(cli).values()] == outs[0]
+
+
+def test_flags_command_lists_every_plugin_flag_with_help(capsys):
+    from fairseq_taskmoe.cli.flags import main
+
+    main([])
+    out = capsys.readouterr().out
+    for flag in ("--moe-freq", "--moe-expert-count", "--moe-top-k", "--encoder-moe-routing",
+                 "--decoder-moe-routing", "--moe-capacity-factor", "--moe-eval-capacity-factor",
+                 "--moe-gate-loss-wt", "--moe-z-loss-wt"):
+        assert flag in out
+    assert "{token,sentence,target,lang_pair}" in out and "(default: 2)" in out

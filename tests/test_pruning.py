@@ -68,6 +68,9 @@ def test_merged_and_unmerged_agree_and_merged_is_one_ffn(tiny_data):
     with torch.no_grad():
         torch.testing.assert_close(a(**net)[0], b(**net)[0], rtol=1e-5, atol=1e-5)
     assert merged["last_optimizer_state"] is None
+    _, report = prune_checkpoint(state, "en-de")
+    assert report.params_before == n_params(model)  # tied embeddings counted once
+    assert report.params_after == n_params(a)
 
 
 def test_several_tasks_keep_the_union_and_stay_exact(tiny_data):
