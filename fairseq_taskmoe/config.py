@@ -17,7 +17,8 @@ class MoEConfig(FairseqDataclass):
     moe_freq: int = field(
         default=2,
         metadata={"help": "every N-th FFN is an MoE layer, in encoder and decoder (layers with "
-                  "(index + 1) %% N == 0, i.e. the 2nd, 4th, ... for N=2); 0 makes the model dense"},
+                  "(index + 1) %% N == 0, i.e. the 2nd, 4th, ... for N=2); 0 makes the model "
+                  "dense"},
     )
     moe_expert_count: int = field(default=8, metadata={"help": "experts per MoE layer"})
     moe_expert_ffn_dim: Optional[int] = field(

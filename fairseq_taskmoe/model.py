@@ -30,6 +30,13 @@ from .routing import TASK_ROUTING_KINDS, TaskIds
 
 MODEL_NAME = "task_moe_transformer"
 DEFAULT_MAX_POSITIONS = 1024  # as fairseq's transformer
+# transformer options our layers do not implement, with their "off" value: refused, not ignored
+UNSUPPORTED_OPTIONS = {
+    "encoder_layerdrop": 0, "decoder_layerdrop": 0, "encoder_layers_to_keep": None,
+    "decoder_layers_to_keep": None, "checkpoint_activations": False,
+    "offload_activations": False, "cross_self_attention": False, "scale_attn": False,
+    "scale_fc": False, "scale_heads": False, "scale_resids": False, "quant_noise_pq": 0,
+}
 
 
 def _moe_layer_names(layers, prefix: str) -> List[str]:
@@ -125,7 +132,8 @@ class TaskMoEDecoder(TransformerDecoderBase):
 
         positions = None
         if self.embed_positions is not None:
-            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+            positions = self.embed_positions(prev_output_tokens,
+                                             incremental_state=incremental_state)
         if incremental_state is not None:  # one new token per step
             prev_output_tokens = prev_output_tokens[:, -1:]
             if positions is not None:
@@ -243,6 +251,11 @@ def configure_moe(args, task) -> MoEConfig:
         if not task_langs:
             raise ValueError("--arch task_moe needs --task translation_task_moe with --langs")
         args.moe_langs = ",".join(task_langs)
+    unsupported = [f"--{name.replace('_', '-')}" for name, off in UNSUPPORTED_OPTIONS.items()
+                   if getattr(args, name, off) not in (off, None)]
+    if unsupported:
+        raise ValueError(f"--arch task_moe does not support {', '.join(unsupported)} (its layers "
+                         "are rebuilt by the plugin); leave them at their defaults")
     moe = MoEConfig.from_namespace(args)
     moe.validate()
     uses_task_ids = {moe.encoder_moe_routing, moe.decoder_moe_routing} & set(TASK_ROUTING_KINDS)

@@ -73,20 +73,25 @@ class MoELayer(nn.Module):
         Pads are not routed: they get a zero FFN output and count in no statistic or loss.
         Stats are None in incremental decoding, where nothing consumes them.
         """
-        if isinstance(self.router, FrozenTaskRouting) and self.router.single_ffn(len(self.experts)):
+        frozen = isinstance(self.router, FrozenTaskRouting)
+        if frozen and self.router.single_ffn(len(self.experts)):
             return self._single_ffn(x, pad_mask, task_ids, incremental_state)
-        T, B, _ = x.shape
+        T, B, C = x.shape
         if pad_mask is None:
             routed = torch.ones(T, B, dtype=torch.bool, device=x.device)
+            tokens = x.reshape(T * B, C)  # same row order as x[routed]
         else:
             routed = ~pad_mask.t()  # [T, B]
-        tokens = x[routed]  # [N, C]
+            tokens = x[routed]  # [N, C]
         decision = self.router(x, routed, task_ids=task_ids, incremental_state=incremental_state)
         plan = D.make_plan(decision.expert_indices, len(self.experts), self._capacity(decision))
         expert_out = self.experts(D.dispatch(tokens, plan), plan.group_sizes())  # [A, C]
         combined = D.combine(expert_out, decision.expert_weights, plan, tokens.size(0))  # [N, C]
-        out = x.new_zeros(x.shape)
-        out[routed] = combined
+        if pad_mask is None:
+            out = combined.view(T, B, C)
+        else:
+            out = x.new_zeros(x.shape)
+            out[routed] = combined
         if incremental_state is not None:
             return out, None
         return out, self._stats(decision, plan, routed, task_ids)
@@ -102,8 +107,9 @@ class MoELayer(nn.Module):
             return out, None
         routed = int(x.shape[0] * x.shape[1] - (pad_mask.sum() if pad_mask is not None else 0))
         zero = torch.zeros((), device=x.device)
-        return out, MoEStats(zero, zero, expert_counts=torch.tensor([routed]),
-                             dropped=torch.zeros((), dtype=torch.long), assignments=routed)
+        return out, MoEStats(zero, zero, expert_counts=torch.tensor([routed], device=x.device),
+                             dropped=torch.zeros((), dtype=torch.long, device=x.device),
+                             assignments=routed)
 
     def _stats(self, decision, plan, routed, task_ids) -> MoEStats:
         E = len(self.experts)

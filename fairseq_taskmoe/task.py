@@ -102,7 +102,8 @@ class TranslationTaskMoE(TranslationMultiSimpleEpochTask):
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if self.args.source_lang is None or self.args.target_lang is None:
-            raise ValueError(f"--task {TASK_NAME} needs --source-lang and --target-lang to translate")
+            raise ValueError(
+                f"--task {TASK_NAME} needs --source-lang and --target-lang to translate")
         dataset = super().build_dataset_for_inference(src_tokens, src_lengths, constraints)
         return LangIdDataset(dataset, self.lang_index(self.args.source_lang),
                              self.lang_index(self.args.target_lang))

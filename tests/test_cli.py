@@ -165,3 +165,30 @@ def test_flags_command_lists_every_plugin_flag_with_help(capsys):
                  "--moe-gate-loss-wt", "--moe-z-loss-wt"):
         assert flag in out
     assert "{token,sentence,target,lang_pair}" in out and "(default: 2)" in out
+
+
+def test_data_parallel_training_on_two_cpu_processes(tiny_data, tmp_path):
+    """Replicated experts, 2 ranks over gloo with fairseq's legacy_ddp (which gives experts
+    that got no token in a step a zero gradient before the all-reduce)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [str(BIN / "fairseq-train"), str(tiny_data), "--user-dir", "user_dir", *TASK_FLAGS,
+         "--arch", "task_moe_tiny", "--criterion", "moe_label_smoothed_cross_entropy",
+         "--share-all-embeddings", "--optimizer", "adam", "--lr", "0.005", "--max-tokens",
+         "1000", "--max-update", "6", "--cpu", "--no-save", "--disable-validation",
+         "--num-workers", "0", "--log-format", "simple", "--log-interval", "2",
+         "--encoder-moe-routing", "token", "--decoder-moe-routing", "target",
+         "--distributed-world-size", "2", "--distributed-backend", "gloo",
+         "--ddp-backend", "legacy_ddp", "--distributed-no-spawn",
+         "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-rank", str(r)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+        for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert "done training" in logs[0]  # only rank 0 logs
+    assert re.search(r"moe_top_share_enc1[ =]\d", logs[0])

@@ -38,7 +38,8 @@ def test_vectorised_dispatch_equals_naive_loop():
     d = top_k_route(torch.randn(13, 4), 2)
     for capacity in (None, 3, 7):
         plan = D.make_plan(d.expert_indices, 4, capacity)
-        got = D.combine(experts(D.dispatch(x, plan), plan.group_sizes()), d.expert_weights, plan, 13)
+        expert_out = experts(D.dispatch(x, plan), plan.group_sizes())
+        got = D.combine(expert_out, d.expert_weights, plan, 13)
         want, dropped = naive_moe(x, d.expert_indices, d.expert_weights, experts, capacity)
         torch.testing.assert_close(got, want)
         assert int(plan.dropped) == dropped

@@ -100,6 +100,11 @@ def test_routing_needing_ids_is_refused_without_them(tiny_data):
         task.build_model(args)
 
 
+def test_unsupported_transformer_options_are_refused(tiny_data):
+    with pytest.raises(ValueError, match="--encoder-layerdrop"):
+        build_task_and_model(tiny_data, ["--encoder-layerdrop", "0.1"])
+
+
 def test_langs_are_required(tiny_data):
     from fairseq import tasks
     from conftest import parse_train_args

@@ -33,7 +33,8 @@ def make_tiny_data(root: Path, train_size=400, valid_size=24, seed=0) -> Path:
     for split, size in sizes.items():
         sentences = [_sentence(rng) for _ in range(size)]
         for lang in LANGS:
-            (text / f"{split}.{lang}").write_text("\n".join(_write(s, lang) for s in sentences) + "\n")
+            lines = [_write(s, lang) for s in sentences]
+            (text / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
     vocab = [f"{lang[0]}{c}" for lang in LANGS for c in range(CONCEPTS)]
     (root / "dict.txt").write_text("".join(f"{w} 100\n" for w in vocab))
     for pair in PAIRS:
