@@ -185,7 +185,8 @@ def test_data_parallel_training_on_two_cpu_processes(tiny_data, tmp_path):
          "--distributed-world-size", "2", "--distributed-backend", "gloo",
          "--ddp-backend", "legacy_ddp", "--distributed-no-spawn",
          "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-rank", str(r)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env=dict(ENV, OMP_NUM_THREADS="1"))  # one thread per rank: 2 ranks share 2 cores
         for r in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for p, log in zip(procs, logs):

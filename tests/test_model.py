@@ -105,6 +105,17 @@ def test_unsupported_transformer_options_are_refused(tiny_data):
         build_task_and_model(tiny_data, ["--encoder-layerdrop", "0.1"])
 
 
+def test_language_list_must_match_the_one_trained_with(tiny_data):
+    args, task, model = build_task_and_model(tiny_data)
+    assert args.moe_langs == "en,de,fr"  # recorded in the checkpoint's model args
+    from fairseq import tasks
+    from conftest import parse_train_args
+    other = parse_train_args(tiny_data)
+    other.langs = ["de", "en", "fr"]
+    with pytest.raises(ValueError, match="trained with --langs en,de,fr"):
+        tasks.setup_task(other).build_model(args)
+
+
 def test_langs_are_required(tiny_data):
     from fairseq import tasks
     from conftest import parse_train_args
