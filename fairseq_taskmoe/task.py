@@ -7,6 +7,7 @@ carries its own source/target language index (into --langs), and the collater tu
 That holds for training, validation, fairseq-generate, fairseq-interactive and the hub interface.
 """
 
+import inspect
 import json
 import logging
 
@@ -128,7 +129,14 @@ class TranslationTaskMoE(TranslationMultiSimpleEpochTask):
 
     def build_model(self, args, from_checkpoint=False):
         check_pruned_serves(args, self.args.source_lang, self.args.target_lang)
-        return super().build_model(args, from_checkpoint)
+        model = super().build_model(args, from_checkpoint)
+        if "src_lang_idx" not in inspect.signature(model.forward).parameters:
+            raise ValueError(
+                f"--task {TASK_NAME} gives every batch per-row language ids, which model "
+                f"{type(model).__name__} does not take. Use --arch task_moe* (--moe-freq 0 for a "
+                "dense baseline), or --task translation_multi_simple_epoch for this model."
+            )
+        return model
 
 
 def check_pruned_serves(model_args, source_lang, target_lang):

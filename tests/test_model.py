@@ -100,6 +100,20 @@ def test_routing_needing_ids_is_refused_without_them(tiny_data):
         task.build_model(args)
 
 
+def test_task_refuses_a_model_that_cannot_take_language_ids(tiny_data):
+    with pytest.raises(ValueError, match="--moe-freq 0 for a dense baseline"):
+        build_task_and_model(tiny_data, ["--arch", "transformer_tiny",
+                                         "--criterion", "label_smoothed_cross_entropy"])
+
+
+def test_dense_baseline_through_the_same_code(tiny_data):
+    from fairseq_taskmoe.moe_layer import MoELayer
+    args, task, model = build_task_and_model(tiny_data, ["--moe-freq", "0"])
+    assert not any(isinstance(m, MoELayer) for m in model.modules())
+    _, extra = model(**first_batch(task)["net_input"])
+    assert extra["moe_stats"] == []
+
+
 def test_unsupported_transformer_options_are_refused(tiny_data):
     with pytest.raises(ValueError, match="--encoder-layerdrop"):
         build_task_and_model(tiny_data, ["--encoder-layerdrop", "0.1"])
