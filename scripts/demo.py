@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +129,7 @@ def count_params(checkpoint: Path) -> int:
 
 
 def main(argv=None):
+    warnings.filterwarnings("ignore", category=FutureWarning)  # fairscale vs current torch
     args = parse_args(argv)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
