@@ -9,6 +9,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from .routing import ROUTING_KINDS
 
+MODEL_NAME = "task_moe_transformer"  # the registered fairseq model; archs task_moe*
 RoutingChoice = ChoiceEnum(list(ROUTING_KINDS))
 
 

@@ -23,12 +23,11 @@ from fairseq.models.transformer import (
 )
 from torch import Tensor
 
-from .config import MoEConfig
+from .config import MODEL_NAME, MoEConfig
 from .layers import TaskMoEDecoderLayer, TaskMoEEncoderLayer
 from .moe_layer import MoELayer
 from .routing import TASK_ROUTING_KINDS, TaskIds
 
-MODEL_NAME = "task_moe_transformer"
 DEFAULT_MAX_POSITIONS = 1024  # as fairseq's transformer
 # transformer options our layers do not implement, with their "off" value: refused, not ignored
 UNSUPPORTED_OPTIONS = {

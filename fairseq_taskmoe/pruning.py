@@ -21,10 +21,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .config import MoEConfig
+from .config import MODEL_NAME, MoEConfig
 from .routing import TASK_ROUTING_KINDS, TaskIds, num_task_ids, top_k_route
 
-MODEL_NAME = "task_moe_transformer"
 _EXPERT_KEY = re.compile(r"^experts\.experts\.(\d+)\.(fc[12]\.(?:weight|bias))$")
 
 
@@ -104,8 +103,8 @@ def _merge(experts: Sequence[Dict[str, Tensor]], weights: Sequence[float]) -> Di
     }
 
 
-def _prune_layer(params: Dict[str, Tensor], kind: str, task_ids: List[int], task_names: Dict,
-                 top_k: int, num_tasks: int, merge: bool, report: LayerReport):
+def _prune_layer(params: Dict[str, Tensor], task_ids: List[int], task_names: Dict, top_k: int,
+                 num_tasks: int, merge: bool, report: LayerReport):
     """params: this layer's ffn state (keys relative to '...ffn.'). Returns (new params, layout)."""
     experts: Dict[int, Dict[str, Tensor]] = {}
     for key, value in params.items():
@@ -178,7 +177,7 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[d
             for (s, t), tid in zip(pairs, task_of_pair):
                 task_names.setdefault(tid, t if kind == "target" else f"{s}-{t}")
             new_params, layout[name] = _prune_layer(
-                params, kind, sorted(task_names), task_names, moe.moe_top_k,
+                params, sorted(task_names), task_names, moe.moe_top_k,
                 num_task_ids(kind, len(langs)), merge, report)
             for key in params:
                 del new_model[prefix + key]
@@ -206,7 +205,6 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[d
     pruned["args"] = None
     pruned["model"] = new_model
     pruned["last_optimizer_state"] = None  # optimizer state is for training the full model
-    pruned["taskmoe_pruned"] = {"served_pairs": served, "merged": merge}
     report = PruneReport(served, merge, count_parameters(model), count_parameters(new_model),
                          reports)
     return pruned, report

@@ -212,8 +212,9 @@ class FrozenTaskRouting(nn.Module):
         the layer is then just that FFN."""
         return num_ffns == 1 and self.slot_indices.size(1) == 1
 
-    def check_served(self, task_ids: Optional[TaskIds]) -> Tensor:
-        """The rows' slot indices [B, S]; refuses a row whose task this layer does not serve."""
+    def check_served(self, task_ids: Optional[TaskIds]):
+        """The rows' task ids [B] and slot indices [B, S]; refuses a row whose task this layer
+        does not serve."""
         ids = _task_ids_or_fail(task_ids, "pruned MoE layer").for_routing(self.kind)  # [B]
         indices = self.slot_indices[ids]  # [B, S]
         if (indices < 0).any():
@@ -221,11 +222,10 @@ class FrozenTaskRouting(nn.Module):
                 f"this pruned checkpoint serves only {self.served}, but the batch asks for "
                 "another task. Translate it with the full checkpoint, or prune for that task."
             )
-        return indices
+        return ids, indices
 
     def forward(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
-        indices = self.check_served(task_ids)  # [B, S]
-        ids = task_ids.for_routing(self.kind)
+        ids, indices = self.check_served(task_ids)  # [B], [B, S]
         T = routed.size(0)
         indices = indices.unsqueeze(0).expand(T, -1, -1)[routed]  # [N, S]
         weights = self.slot_weights[ids].unsqueeze(0).expand(T, -1, -1)[routed]  # [N, S]

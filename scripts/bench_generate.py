@@ -13,32 +13,24 @@ checkpoints produced the same hypotheses. Results go to `--out` (markdown) and s
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from demo import LANGS, PAIRS, REPO, generate_command, parse_generate  # sibling script
 
 
 def generate(data, checkpoint, pair, args):
-    src, tgt = pair.split("-")
-    cmd = [BIN / "fairseq-generate", data, "--user-dir", "user_dir", "--task",
-           "translation_task_moe", "--langs", args.langs, "--lang-pairs", args.lang_pairs,
-           "--encoder-langtok", "tgt", "--decoder-langtok", "--source-lang", src,
-           "--target-lang", tgt, "--gen-subset", "test", "--path", checkpoint, "--beam",
-           str(args.beam), "--max-tokens", str(args.max_tokens), "--cpu"]
+    cmd = generate_command(data, checkpoint, pair, beam=args.beam, max_tokens=args.max_tokens,
+                           langs=args.langs, pairs=args.lang_pairs)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
         sys.exit(f"fairseq-generate failed for {checkpoint}:\n{proc.stderr[-3000:]}")
-    speed = re.search(r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", proc.stdout + proc.stderr)
-    hyps = sorted(line.split("\t", 1)[0] + "\t" + line.rsplit("\t", 1)[-1]
-                  for line in proc.stdout.splitlines() if line.startswith("H-"))
-    return float(speed.group(2)), hyps
+    hyps, tokens_per_s = parse_generate(proc.stdout + proc.stderr)
+    return tokens_per_s, hyps
 
 
 def main():
@@ -47,8 +39,8 @@ def main():
     p.add_argument("checkpoints", nargs="+", metavar="NAME=PATH")
     p.add_argument("--data", default=str(REPO / "work" / "demo" / "multi30k" / "bin"))
     p.add_argument("--pair", default="en-de")
-    p.add_argument("--langs", default="en,de,fr,cs")
-    p.add_argument("--lang-pairs", default="en-de,de-en,en-fr,fr-en,en-cs,cs-en")
+    p.add_argument("--langs", default=LANGS)
+    p.add_argument("--lang-pairs", default=",".join(PAIRS))
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=3)

@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-PAIRS = "en-de,de-en,en-fr,fr-en,en-cs,cs-en"
+from demo import BIN, LANGS, PAIRS, REPO  # sibling script: the demo's data and languages
+
 SIZE = ["--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim",
         "512", "--decoder-ffn-embed-dim", "512", "--encoder-layers", "4", "--decoder-layers",
         "4", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
@@ -40,8 +39,8 @@ CONFIGS = {
 
 
 def measure(data, flags, updates, interval):
-    cmd = [BIN / "fairseq-train", data, *flags, *SIZE, "--langs", "en,de,fr,cs",
-           "--lang-pairs", PAIRS, "--encoder-langtok", "tgt", "--decoder-langtok",
+    cmd = [BIN / "fairseq-train", data, *flags, *SIZE, "--langs", LANGS,
+           "--lang-pairs", ",".join(PAIRS), "--encoder-langtok", "tgt", "--decoder-langtok",
            "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.001",
            "--max-tokens", "4096", "--max-update", str(updates), "--disable-validation",
            "--no-save", "--log-format", "simple", "--log-interval", str(interval), "--cpu",

@@ -67,9 +67,28 @@ def run(cmd, log_path: Path = None):
     return log_path.read_text()
 
 
-def task_flags(data):
-    return [data, "--user-dir", "user_dir", "--task", "translation_task_moe", "--langs", LANGS,
-            "--lang-pairs", ",".join(PAIRS), "--encoder-langtok", "tgt", "--decoder-langtok"]
+def task_flags(data, langs=LANGS, pairs=",".join(PAIRS)):
+    return [data, "--user-dir", "user_dir", "--task", "translation_task_moe", "--langs", langs,
+            "--lang-pairs", pairs, "--encoder-langtok", "tgt", "--decoder-langtok"]
+
+
+def generate_command(data, checkpoint, pair, beam=4, max_tokens=8000, **task):
+    """fairseq-generate on the test set of `pair`, hypotheses detokenized (SentencePiece)."""
+    src, tgt = pair.split("-")
+    return [BIN / "fairseq-generate", *task_flags(data, **task), "--source-lang", src,
+            "--target-lang", tgt, "--gen-subset", "test", "--path", checkpoint, "--beam", beam,
+            "--max-tokens", max_tokens, "--post-process", "sentencepiece", "--cpu"]
+
+
+def parse_generate(text):
+    """fairseq-generate output -> ({sentence id: detokenized hypothesis}, tokens/s or None)."""
+    hyps = {}
+    for line in text.splitlines():
+        if line.startswith("D-"):
+            key, _score, *hyp = line.split("\t")
+            hyps[int(key[2:])] = hyp[0] if hyp else ""
+    speed = re.search(r"Translated .*\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", text)
+    return hyps, float(speed.group(2)) if speed else None
 
 
 def train(args, data, save_dir: Path):
@@ -98,18 +117,8 @@ def train(args, data, save_dir: Path):
 def generate(data, checkpoint, pair, out: Path):
     """fairseq-generate on the test set; returns (detokenized hypotheses by id, tokens/s)."""
     if not out.exists():
-        src, tgt = pair.split("-")
-        run([BIN / "fairseq-generate", *task_flags(data), "--source-lang", src,
-             "--target-lang", tgt, "--gen-subset", "test", "--path", checkpoint, "--beam", 4,
-             "--max-tokens", 8000, "--post-process", "sentencepiece", "--cpu"], log_path=out)
-    text = out.read_text()
-    hyps = {}
-    for line in text.splitlines():
-        if line.startswith("D-"):
-            key, _score, *hyp = line.split("\t")
-            hyps[int(key[2:])] = hyp[0] if hyp else ""
-    speed = re.search(r"Translated .*\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", text)
-    return hyps, float(speed.group(2)) if speed else None
+        run(generate_command(data, checkpoint, pair), log_path=out)
+    return parse_generate(out.read_text())
 
 
 def bleu(hyps, ref_path: Path):

@@ -221,11 +221,16 @@ def download_raw(dest, names):
 # ---------------------------------------------------------------- steps
 
 
+def missing_split_files(args, folder):
+    """(split, lang) pairs whose `folder/{split}.{lang}` does not exist yet."""
+    return [(s, l) for s in SPLITS for l in args.text_langs if not (folder / f"{s}.{l}").exists()]
+
+
 def step_text(args, raw_dir):
     """Decompress, strip (some lines have stray spaces) and cut the training set."""
     text = args.out / "text"
     text.mkdir(parents=True, exist_ok=True)
-    todo = [(s, l) for s in SPLITS for l in args.text_langs if not (text / f"{s}.{l}").exists()]
+    todo = missing_split_files(args, text)
     if not todo:
         log("step 1/4 text: exists, skipped")
         return
@@ -288,7 +293,7 @@ def step_spm(args):
 def step_encode(args):
     enc = args.out / "spm"
     enc.mkdir(parents=True, exist_ok=True)
-    todo = [(s, l) for s in SPLITS for l in args.text_langs if not (enc / f"{s}.{l}").exists()]
+    todo = missing_split_files(args, enc)
     if not todo:
         log("step 3/4 encode: exists, skipped")
         return
