@@ -25,7 +25,7 @@ $(STAMP): setup.cfg setup.py Makefile
 	  $(PIP) install -q --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 	$(PIP) install -q $(FAIRSEQ_RUNTIME)
 	$(PIP) install -q --no-deps -e .
-	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu>=2.0" pytest
+	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu>=2.0" pytest ctranslate2 matplotlib
 	@echo "(a pip note that fairseq-fixed requires torchaudio is expected: it is never imported)"
 	touch $(STAMP)
 

@@ -7,10 +7,13 @@ from typing import Dict, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from .routing import ROUTING_KINDS
+from .routing import ROUTING_KINDS, UNSEEN_PAIR_POLICIES, unseen_pair_mixing
 
 MODEL_NAME = "task_moe_transformer"  # the registered fairseq model; archs task_moe*
 RoutingChoice = ChoiceEnum(list(ROUTING_KINDS))
+BalanceScopeChoice = ChoiceEnum(["tokens", "tasks"])
+UnseenPairChoice = ChoiceEnum(list(UNSEEN_PAIR_POLICIES))
+ExpertParallelChoice = ChoiceEnum(["auto", "off"])
 
 
 @dataclass
@@ -49,6 +52,39 @@ class MoEConfig(FairseqDataclass):
         metadata={"help": "token routing in validation/generation: capacity factor for "
                   "experiments; default dropless, so incremental decoding equals full decoding"},
     )
+    moe_expert_parallel: ExpertParallelChoice = field(
+        default="auto",
+        metadata={"help": "auto: with world size W > 1 (--distributed-world-size) each rank "
+                  "holds E/W experts of every MoE layer and tokens travel to their expert's "
+                  "rank by all-to-all (needs --ddp-backend legacy_ddp and --moe-expert-count "
+                  "divisible by W; checkpoints are written per rank, see taskmoe-consolidate); "
+                  "off: every rank holds all experts (data parallelism over replicated experts)"},
+    )
+    moe_record_a2a_time: bool = field(
+        default=False,
+        metadata={"help": "with sharded experts, log a2a_share: the share of the training step "
+                  "spent in expert all-to-all (rank 0's), and a2a_ms per step; on GPUs this "
+                  "synchronizes the device around each all-to-all (slower)"},
+    )
+    moe_balance_scope: BalanceScopeChoice = field(
+        default="tokens",
+        metadata={"help": "what the load-balancing loss (--moe-gate-loss-wt) counts in "
+                  "task-routed layers: tokens (GShard: each token of the batch once, so tasks "
+                  "weigh by their token counts) or tasks (each task present in the batch once). "
+                  "Token and sentence layers always count tokens"},
+    )
+    moe_unseen_pairs: UnseenPairChoice = field(
+        default="target_mean",
+        metadata={"help": "lang_pair routing of a pair never trained (zero-shot), whose own gate "
+                  "row keeps its random initialisation: target_mean routes it by the mean "
+                  "logits of the trained pairs into the same target language; own_row reads its "
+                  "own (untrained) row. Can be changed at generation with --model-overrides"},
+    )
+    moe_trained_pairs: Optional[str] = field(
+        default=None,
+        metadata={"help": "set automatically: the task's --lang-pairs at training time "
+                  "(do not set by hand)"},
+    )
     moe_langs: Optional[str] = field(
         default=None,
         metadata={"help": "set automatically: the task's --langs at training time, which fixes "
@@ -71,6 +107,20 @@ class MoEConfig(FairseqDataclass):
 
     def pruned_layout(self) -> Dict[str, dict]:
         return json.loads(self.moe_pruned_layout) if self.moe_pruned_layout else {}
+
+    @property
+    def trained_pairs(self):
+        """[(src index, tgt index)] of the training --lang-pairs, [] when not recorded."""
+        if not self.moe_trained_pairs:
+            return []
+        langs = self.langs
+        pairs = [p.split("-") for p in self.moe_trained_pairs.split(",")]
+        return [(langs.index(s), langs.index(t)) for s, t in pairs
+                if s in langs and t in langs]
+
+    def pair_mixing(self):
+        """How lang_pair gates read their rows (routing.unseen_pair_mixing)."""
+        return unseen_pair_mixing(len(self.langs), self.trained_pairs, self.moe_unseen_pairs)
 
     def is_moe_layer(self, index: int) -> bool:
         return self.moe_freq > 0 and (index + 1) % self.moe_freq == 0

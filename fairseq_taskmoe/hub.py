@@ -8,7 +8,8 @@
     mt.translate(["Two dogs.", "A red car."], beam=4)
 
 This is fairseq's own hub interface (fairseq.hub_utils.GeneratorHubInterface, minus language
-tokens in the output): SentencePiece is applied on the way in and removed on the way out, and the
+tokens in the output, in whichever --lang-tok-style the task uses): SentencePiece is applied on
+the way in and removed on the way out, and the
 task settings (--langs, --lang-pairs, language tokens) come from the checkpoint.
 """
 
@@ -18,6 +19,7 @@ from typing import Optional
 
 from fairseq import checkpoint_utils, hub_utils
 from fairseq.data import encoders
+from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 
 from . import plugin  # noqa: F401  (registers the model/task, fixes checkpoint loading)
 
@@ -28,7 +30,8 @@ class TaskMoEHubInterface(hub_utils.GeneratorHubInterface):
 
     def __init__(self, cfg, task, models):
         super().__init__(cfg, task, models)
-        tags = (self.tgt_dict.index(f"__{lang}__") for lang in task.langs)
+        style = getattr(task.args, "lang_tok_style", None) or "multilingual"  # __de__ or [de]
+        tags = (self.tgt_dict.index(get_lang_tok(lang, style)) for lang in task.langs)
         self.lang_tokens = {i for i in tags if i != self.tgt_dict.unk()}
 
     def string(self, tokens):

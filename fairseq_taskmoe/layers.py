@@ -21,10 +21,12 @@ from .config import MoEConfig
 from .experts import ExpertFFNs, FeedForward
 from .moe_layer import MoELayer
 from .routing import FrozenTaskRouting, build_router, num_task_ids
+from .sharding import CommTimer, ShardedExpertFFNs, expert_shard
 
 
 def build_ffn(cfg: TransformerConfig, moe: MoEConfig, side: str, index: int) -> nn.Module:
-    """The FFN of layer `index` on `side` ("encoder"/"decoder"): dense, MoE, or pruned MoE."""
+    """The FFN of layer `index` on `side` ("encoder"/"decoder"): dense, MoE (its experts sharded
+    over the ranks when expert parallelism is on), or pruned MoE (never sharded: it serves)."""
     side_cfg = cfg.encoder if side == "encoder" else cfg.decoder
     embed_dim, ffn_dim = side_cfg.embed_dim, side_cfg.ffn_embed_dim
     activation = utils.get_activation_fn(cfg.activation_fn)
@@ -42,10 +44,18 @@ def build_ffn(cfg: TransformerConfig, moe: MoEConfig, side: str, index: int) -> 
         ffn_dims = pruned["ffn_dims"]
     else:
         router = build_router(kind, embed_dim, moe.moe_expert_count, moe.moe_top_k,
-                              len(moe.langs), causal=side == "decoder")
+                              len(moe.langs), causal=side == "decoder",
+                              pair_mixing=moe.pair_mixing())
         ffn_dims = [moe.moe_expert_ffn_dim or ffn_dim] * moe.moe_expert_count
+        shard = expert_shard(moe.moe_expert_count, moe.moe_expert_parallel)
+        if shard is not None:  # expert parallelism: this rank's E/W experts (sharding.py)
+            experts = ShardedExpertFFNs(embed_dim, ffn_dims, activation, activation_dropout,
+                                        shard, timer=CommTimer(moe.moe_record_a2a_time))
+            return MoELayer(router, experts, moe.moe_capacity_factor,
+                            moe.moe_eval_capacity_factor, moe.moe_balance_scope)
     experts = ExpertFFNs(embed_dim, ffn_dims, activation, activation_dropout)
-    return MoELayer(router, experts, moe.moe_capacity_factor, moe.moe_eval_capacity_factor)
+    return MoELayer(router, experts, moe.moe_capacity_factor, moe.moe_eval_capacity_factor,
+                    moe.moe_balance_scope)
 
 
 def run_ffn(ffn: nn.Module, x: Tensor, pad_mask, task_ids, incremental_state=None):

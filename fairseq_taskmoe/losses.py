@@ -29,3 +29,22 @@ def router_z_loss(decision: RoutingDecision) -> Tensor:
     if decision.router_logits is None or decision.router_logits.numel() == 0:
         return decision.expert_weights.new_zeros(())
     return torch.logsumexp(decision.router_logits, dim=-1).pow(2).mean()
+
+
+def task_balancing_loss(decision: RoutingDecision, task_of_token: Tensor,
+                        num_experts: int) -> Tensor:
+    """The same loss with each task of the batch counted once instead of each token.
+
+    task_of_token: [N] task id of every routed token. With task gates all tokens of a task share
+    one distribution, so the token-level loss weighs tasks by their token counts; here every
+    task present is one unit (f_e: share of the tasks whose top-1 is e; P_e: mean over tasks).
+    """
+    if decision.router_logits is None or task_of_token.numel() == 0:
+        return decision.expert_weights.new_zeros(())
+    tasks, inverse = torch.unique(task_of_token, return_inverse=True)  # [U], [N]
+    N = task_of_token.numel()
+    first = torch.full((tasks.numel(),), N, dtype=torch.long, device=task_of_token.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(N, device=first.device), "amin")
+    one_per_task = RoutingDecision(decision.expert_indices[first], decision.expert_weights[first],
+                                   decision.router_logits[first])
+    return load_balancing_loss(one_per_task, num_experts)

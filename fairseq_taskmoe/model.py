@@ -7,6 +7,7 @@ output as `moe_stats`: a list of (layer name, stats), encoder layers first.
 Axis legend: T time, B batch, C channels.
 """
 
+import logging
 from dataclasses import fields
 from typing import Dict, List, Optional
 
@@ -24,9 +25,12 @@ from fairseq.models.transformer import (
 from torch import Tensor
 
 from .config import MODEL_NAME, MoEConfig
+from .lang_tags import LangTagReader, build_tag_reader
 from .layers import TaskMoEDecoderLayer, TaskMoEEncoderLayer
 from .moe_layer import MoELayer
 from .routing import TASK_ROUTING_KINDS, TaskIds
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_POSITIONS = 1024  # as fairseq's transformer
 # transformer options our layers do not implement, with their "off" value: refused, not ignored
@@ -42,14 +46,31 @@ def _moe_layer_names(layers, prefix: str) -> List[str]:
     return [f"{prefix}{i}" for i, layer in enumerate(layers) if isinstance(layer.ffn, MoELayer)]
 
 
+def _uses_task_ids(layers) -> bool:
+    return any(isinstance(layer.ffn, MoELayer) and layer.ffn.kind in TASK_ROUTING_KINDS
+               for layer in layers)
+
+
 class TaskMoEEncoder(TransformerEncoderBase):
-    def __init__(self, cfg: TransformerConfig, moe: MoEConfig, dictionary, embed_tokens):
+    def __init__(self, cfg: TransformerConfig, moe: MoEConfig, dictionary, embed_tokens,
+                 tag_reader: Optional[LangTagReader] = None):
         super().__init__(cfg, dictionary, embed_tokens)
         self.layers = nn.ModuleList(  # replaces the dense layers built by the base class
             TaskMoEEncoderLayer(cfg, moe, i) for i in range(cfg.encoder.layers)
         )
         self.num_langs = len(moe.langs)
         self.moe_layer_names = _moe_layer_names(self.layers, "enc")
+        self.tag_reader = tag_reader  # reads ids from language tags when a batch has none
+
+    def task_ids(self, src_tokens: Tensor, src_lang_idx: Optional[Tensor],
+                 tgt_lang_idx: Optional[Tensor]) -> Optional[TaskIds]:
+        """The rows' TaskIds: as given, else (for sides not given) read from the source's
+        language tag. None when there is nothing to read them from."""
+        if src_lang_idx is not None and tgt_lang_idx is not None:
+            return TaskIds(src_lang_idx, tgt_lang_idx, self.num_langs)
+        if self.tag_reader is None:
+            return None
+        return self.tag_reader.read(src_tokens, src_lang=src_lang_idx, tgt_lang=tgt_lang_idx)
 
     def forward(
         self,
@@ -66,9 +87,7 @@ class TaskMoEEncoder(TransformerEncoderBase):
         x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
         x = x * (1 - pad_mask.unsqueeze(-1).type_as(x))
         x = x.transpose(0, 1)  # [T, B, C]
-        task_ids = None
-        if src_lang_idx is not None and tgt_lang_idx is not None:
-            task_ids = TaskIds(src_lang_idx, tgt_lang_idx, self.num_langs)
+        task_ids = self.task_ids(src_tokens, src_lang_idx, tgt_lang_idx)
 
         encoder_states = [x] if return_all_hiddens else []
         moe_stats = []
@@ -178,10 +197,45 @@ class TaskMoEDecoder(TransformerDecoderBase):
         return x, extra
 
 
+LANGS_STATE = "_extra_state"  # state-dict key of the model's extra state (torch convention)
+
+
 @register_model(MODEL_NAME)
 class TaskMoETransformerModel(TransformerModel):
     """Transformer whose every --moe-freq-th FFN is a mixture of experts routed by token,
-    sentence, target language or language pair (Kudugunta et al. 2021)."""
+    sentence, target language or language pair (Kudugunta et al. 2021).
+
+    The language list travels in the state dict (the model's extra state, `_extra_state`:
+    {"moe_langs": "en,de,fr"}), so that loading weights trained with another --langs order
+    (resume, fine-tune, generation) is refused instead of silently permuting the rows of the
+    task gates. A dict, not a tensor: fairseq's EMA averages every tensor of the state dict."""
+
+    def __init__(self, args, encoder, decoder):
+        super().__init__(args, encoder, decoder)
+        self.langs = args.moe_langs.split(",")
+        self.needs_task_ids = _uses_task_ids(encoder.layers) or _uses_task_ids(decoder.layers)
+        if not self.needs_task_ids:
+            encoder.tag_reader = None  # nothing routes on ids: never fail on a missing tag
+
+    def get_extra_state(self):
+        return {"moe_langs": ",".join(self.langs)}
+
+    def set_extra_state(self, state):
+        trained = state.get("moe_langs") if isinstance(state, dict) else None
+        if trained is not None and trained.split(",") != self.langs:
+            now = ",".join(self.langs)
+            message = (f"these weights were trained with --langs {trained}, but this run has "
+                       f"--langs {now}. Pass --langs {trained}: the language order fixes the "
+                       "rows of the task gates, and another order would silently permute them")
+            logger.error(message)  # fairseq's trainer re-raises load errors with its own text
+            raise ValueError(message)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        if LANGS_STATE not in state_dict:  # written before the list was stored: accept
+            state_dict = dict(state_dict)
+            state_dict[LANGS_STATE] = self.get_extra_state()
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg,
+                                       args=args)
 
     @classmethod
     def add_args(cls, parser):
@@ -208,7 +262,8 @@ class TaskMoETransformerModel(TransformerModel):
         else:
             decoder_embed = cls.build_embedding(args, tgt_dict, cfg.decoder.embed_dim,
                                                 cfg.decoder.embed_path)
-        encoder = TaskMoEEncoder(cfg, moe, src_dict, encoder_embed)
+        encoder = TaskMoEEncoder(cfg, moe, src_dict, encoder_embed,
+                                 tag_reader=build_tag_reader(args, src_dict, moe.langs))
         decoder = TaskMoEDecoder(cfg, moe, tgt_dict, decoder_embed,
                                  no_encoder_attn=cfg.no_cross_attention)
         return cls(args, encoder, decoder)
@@ -225,6 +280,13 @@ class TaskMoETransformerModel(TransformerModel):
         alignment_layer: Optional[int] = None,
         alignment_heads: Optional[int] = None,
     ):
+        if (src_lang_idx is None or tgt_lang_idx is None) and self.needs_task_ids:
+            # no ids from the task: read them from the language tags, the decoder's prefix
+            # included (the encoder alone, as in generation, sees only the source tag)
+            reader = self.encoder.tag_reader
+            if reader is not None:
+                ids = reader.read(src_tokens, prev_output_tokens, src_lang_idx, tgt_lang_idx)
+                src_lang_idx, tgt_lang_idx = ids.src_lang, ids.tgt_lang
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths,
                                    return_all_hiddens=return_all_hiddens,
                                    src_lang_idx=src_lang_idx, tgt_lang_idx=tgt_lang_idx)
@@ -250,6 +312,8 @@ def configure_moe(args, task) -> MoEConfig:
         if not task_langs:
             raise ValueError("--arch task_moe needs --task translation_task_moe with --langs")
         args.moe_langs = ",".join(task_langs)
+        # the pairs trained on: lang_pair routing of the others is zero-shot (moe_unseen_pairs)
+        args.moe_trained_pairs = ",".join(getattr(task, "lang_pairs", None) or [])
     unsupported = [f"--{name.replace('_', '-')}" for name, off in UNSUPPORTED_OPTIONS.items()
                    if getattr(args, name, off) not in (off, None)]
     if unsupported:
@@ -277,6 +341,12 @@ def _fill_moe_defaults(args):
 def task_moe_base(args):
     _fill_moe_defaults(args)
     base_architecture(args)
+
+
+@register_model_architecture(MODEL_NAME, "moe_transformer")
+def moe_transformer(args):
+    """The project's design name for the same model: `--arch moe_transformer` == `task_moe`."""
+    task_moe_base(args)
 
 
 def _default_sizes(args, embed_dim: int, ffn_dim: int, layers: int, heads: int):

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from . import dispatch as D
 from .experts import ExpertFFNs
-from .losses import load_balancing_loss, router_z_loss
-from .routing import FrozenTaskRouting, RoutingDecision, TaskIds
+from .losses import load_balancing_loss, router_z_loss, task_balancing_loss
+from .routing import TASK_ROUTING_KINDS, FrozenTaskRouting, RoutingDecision, TaskIds
 
 
 @dataclass
@@ -43,12 +43,13 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, router: nn.Module, experts: ExpertFFNs, capacity_factor: Optional[float],
-                 eval_capacity_factor: Optional[float] = None):
+                 eval_capacity_factor: Optional[float] = None, balance_scope: str = "tokens"):
         super().__init__()
         self.router = router
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
+        self.balance_scope = balance_scope  # "tokens" or "tasks" (task-routed layers only)
 
     @property
     def kind(self) -> str:
@@ -97,10 +98,13 @@ class MoELayer(nn.Module):
         return out, self._stats(decision, plan, routed, task_ids)
 
     def _single_ffn(self, x, pad_mask, task_ids, incremental_state):
-        """A pruned layer serving one task with its experts merged: the FFN itself, no dispatch
-        (same values: the general path would scale by a weight of exactly 1)."""
-        self.router.check_served(task_ids)
-        out = self.experts.experts[0](x)
+        """A pruned layer with one FFN and one slot: the FFN on every position, scaled per row by
+        its frozen weight, no dispatch (the same values as the general path, which scales each
+        expert output by its weight; merged experts have weight 1, an unmerged top-1 expert its
+        gate probability)."""
+        ids, _ = self.router.check_served(task_ids)  # [B]
+        weight = self.router.slot_weights[ids, 0].to(x.dtype)  # [B]
+        out = self.experts.experts[0](x) * weight.view(1, -1, 1)
         if pad_mask is not None:  # as in the general path, pads get a zero FFN output
             out = out.masked_fill(pad_mask.t().unsqueeze(-1), 0.0)
         if incremental_state is not None:
@@ -114,15 +118,19 @@ class MoELayer(nn.Module):
     def _stats(self, decision, plan, routed, task_ids) -> MoEStats:
         E = len(self.experts)
         counts_by_pair = None
-        if task_ids is not None:
+        rows = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]  # [N]
+        if task_ids is not None and task_ids.complete:
             P = task_ids.num_langs ** 2
-            rows = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]
             pair = task_ids.for_routing("lang_pair")[rows][plan.token_index]  # [A]
             expert = torch.repeat_interleave(
                 torch.arange(E, device=routed.device), plan.expert_counts)  # [A]
             counts_by_pair = torch.bincount(pair * E + expert, minlength=P * E).view(P, E)
+        if self.balance_scope == "tasks" and self.kind in TASK_ROUTING_KINDS:
+            balance = task_balancing_loss(decision, task_ids.for_routing(self.kind)[rows], E)
+        else:
+            balance = load_balancing_loss(decision, E)
         return MoEStats(
-            balance_loss=load_balancing_loss(decision, E),
+            balance_loss=balance,
             z_loss=router_z_loss(decision),
             expert_counts=plan.expert_counts,
             dropped=plan.dropped,

@@ -1,7 +1,9 @@
-"""Everything fairseq needs from this package: registers the model, task and criterion, and
-lets fairseq load checkpoints with current torch. Imported by `--user-dir user_dir`."""
+"""Everything fairseq needs from this package: registers the model, task and criterion, lets
+fairseq load checkpoints with current torch, and adds expert parallelism to fairseq's Trainer.
+Imported by `--user-dir user_dir`."""
 
-from .compat import allow_fairseq_checkpoint_pickles
-from . import criterion, model, task  # noqa: F401  (registration side effects)
+from .compat import allow_fairseq_checkpoint_types
+from . import criterion, model, task, trainer_patch  # noqa: F401  (registration side effects)
 
-allow_fairseq_checkpoint_pickles()
+allow_fairseq_checkpoint_types()
+trainer_patch.install()

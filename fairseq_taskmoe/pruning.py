@@ -9,20 +9,22 @@ kept whole.
 With `merge=True` (default) the k experts a task uses are merged into one FFN, exactly:
 `g1*FFN_a(x) + g2*FFN_b(x) = FFN_ab(x)` with fc1 = [W1_a; W1_b], b1 = [b1_a; b1_b],
 fc2 = [g1*W2_a | g2*W2_b], b2 = g1*b2_a + g2*b2_b (the activation is element-wise). A layer then
-costs one GEMM pair. Several served tasks with different routes get one merged FFN each.
+costs one GEMM pair. Several served tasks get one merged FFN per distinct route, unless the
+union of their experts, unmerged, is smaller (tasks sharing experts): each layer takes the
+smaller of the two exact forms, so a pruned checkpoint is never larger than the unmerged union.
 """
 
 import copy
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .config import MODEL_NAME, MoEConfig
-from .routing import TASK_ROUTING_KINDS, TaskIds, num_task_ids, top_k_route
+from .routing import TASK_ROUTING_KINDS, TaskIds, num_task_ids, task_logit_table, top_k_route
 
 _EXPERT_KEY = re.compile(r"^experts\.experts\.(\d+)\.(fc[12]\.(?:weight|bias))$")
 
@@ -39,15 +41,18 @@ class LayerReport:
     experts_before: int
     kept: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # task -> (expert, w)
     ffn_dims: List[int] = field(default_factory=list)
+    form: str = ""  # pruned layers: "merged" (one FFN per distinct route) or "unmerged" (union)
+    why: str = ""  # why that form
 
 
 @dataclass
 class PruneReport:
     served_pairs: List[str]
-    merged: bool
+    merged: bool  # merging was allowed (not --no-merge); each layer's choice is in layers
     params_before: int
     params_after: int
     layers: List[LayerReport]
+    warnings: List[str] = field(default_factory=list)
 
 
 def model_args(state: dict):
@@ -103,15 +108,25 @@ def _merge(experts: Sequence[Dict[str, Tensor]], weights: Sequence[float]) -> Di
     }
 
 
+def _ffn_params(units: Sequence[Dict[str, Tensor]]) -> int:
+    return sum(t.numel() for unit in units for t in unit.values())
+
+
 def _prune_layer(params: Dict[str, Tensor], task_ids: List[int], task_names: Dict, top_k: int,
-                 num_tasks: int, merge: bool, report: LayerReport):
-    """params: this layer's ffn state (keys relative to '...ffn.'). Returns (new params, layout)."""
+                 num_tasks: int, merge: bool, report: LayerReport, mixing: Optional[Tensor]):
+    """params: this layer's ffn state (keys relative to '...ffn.'). Returns (new params, layout).
+
+    Two exact forms: merged, one FFN per *distinct* route (tasks routed alike share it), each
+    task one slot of weight 1; unmerged, the union of the experts the tasks use, each task k
+    slots with its frozen gate weights. Merged costs one GEMM pair per token instead of k, but
+    with several tasks it can hold more parameters than the union (tasks sharing an expert each
+    get a copy inside their merged FFN), so the smaller form is chosen (merged on ties)."""
     experts: Dict[int, Dict[str, Tensor]] = {}
     for key, value in params.items():
         m = _EXPERT_KEY.match(key)
         if m:
             experts.setdefault(int(m.group(1)), {})[m.group(2)] = value
-    gate_logits = params["router.wg.weight"]  # [P, E]
+    gate_logits = task_logit_table(params["router.wg.weight"], mixing)  # [P, E], as the model
     routes = {}
     for t in task_ids:
         decision = top_k_route(gate_logits[t : t + 1], top_k)  # same math as the model, fp32
@@ -119,40 +134,103 @@ def _prune_layer(params: Dict[str, Tensor], task_ids: List[int], task_names: Dic
         report.kept[task_names[t]] = [
             (e, float(w)) for e, w in zip(routes[t][0], routes[t][1].tolist())
         ]
-    units: List[Dict[str, Tensor]] = []
-    table: Dict[int, List[Tuple[int, float]]] = {}
-    if merge:
-        for t, (indices, weights) in routes.items():
-            table[t] = [(len(units), 1.0)]
-            units.append(_merge([experts[e] for e in indices], weights.tolist()))
+    union = sorted({e for indices, _ in routes.values() for e in indices})
+    union_units = [experts[e] for e in union]
+    distinct: Dict[tuple, int] = {}  # route (experts, weights) -> merged unit
+    merged_units: List[Dict[str, Tensor]] = []
+    for indices, weights in routes.values():
+        key = (tuple(indices), tuple(weights.tolist()))
+        if key not in distinct:
+            distinct[key] = len(merged_units)
+            merged_units.append(_merge([experts[e] for e in indices], weights.tolist()))
+    merged_size, union_size = _ffn_params(merged_units), _ffn_params(union_units)
+    use_merged = merge and merged_size <= union_size
+    if not merge:
+        report.form, report.why = "unmerged", "--no-merge"
+    elif use_merged:
+        report.form, report.why = "merged", f"{len(merged_units)} distinct route(s)"
     else:
-        union = sorted({e for indices, _ in routes.values() for e in indices})
-        units = [experts[e] for e in union]
-        for t, (indices, weights) in routes.items():
-            table[t] = [(union.index(e), w) for e, w in zip(indices, weights.tolist())]
-    slots = len(next(iter(table.values())))
+        report.form = "unmerged"
+        report.why = (f"merging {len(merged_units)} distinct routes would hold {merged_size:,} "
+                      f"parameters, the union of {len(union)} experts {union_size:,}")
+    slots = 1 if use_merged else top_k
     slot_indices = torch.full((num_tasks, slots), -1, dtype=torch.long)
     slot_weights = torch.zeros(num_tasks, slots)
-    for t, entries in table.items():
-        slot_indices[t] = torch.tensor([u for u, _ in entries])
-        # the full model's fp32 weights, bit for bit (merged units carry theirs inside fc2)
-        slot_weights[t] = routes[t][1] if not merge else torch.ones(1)
+    for t, (indices, weights) in routes.items():
+        if use_merged:
+            slot_indices[t, 0] = distinct[(tuple(indices), tuple(weights.tolist()))]
+            slot_weights[t, 0] = 1.0  # the gate weights are inside the merged fc2
+        else:
+            slot_indices[t] = torch.tensor([union.index(e) for e in indices])
+            slot_weights[t] = weights  # the full model's fp32 weights, bit for bit
+    units = merged_units if use_merged else union_units
     new = {"router.slot_indices": slot_indices, "router.slot_weights": slot_weights}
     for u, unit in enumerate(units):
         for name, value in unit.items():
             new[f"experts.experts.{u}.{name}"] = value.clone()
     report.ffn_dims = [unit["fc1.weight"].size(0) for unit in units]
-    return new, {"ffn_dims": report.ffn_dims, "slots": slots}
+    return new, {"ffn_dims": report.ffn_dims, "slots": slots, "merged": use_merged}
 
 
-def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[dict, PruneReport]:
-    """Return (pruned checkpoint dict, report). The input dict is not modified."""
+def trained_pairs(state: dict) -> Optional[List[Tuple[str, str]]]:
+    """The --lang-pairs the checkpoint was trained on (its task config), or None if unknown."""
+    cfg = state.get("cfg")
+    task = cfg.get("task") if isinstance(cfg, dict) else getattr(cfg, "task", None)
+    if task is None and state.get("args") is not None:
+        task = state["args"]
+    spec = task.get("lang_pairs") if isinstance(task, dict) else getattr(task, "lang_pairs", None)
+    if not spec:
+        return None
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    return [tuple(p.strip().split("-", 1)) for p in items if p.strip()]
+
+
+def _untrained_routes(pairs, kinds, trained, unseen_policy: str) -> List[str]:
+    """Pairs whose route some pruned layer reads from a gate row that training never updated:
+    lang_pair routing of a pair not trained (unless the target_mean policy routes it by the
+    trained pairs into its target), target routing into a language never a target."""
+    out = []
+    targets = {tt for _, tt in trained}
+    for s, t in pairs:
+        borrowed = unseen_policy == "target_mean" and t in targets
+        if "lang_pair" in kinds and (s, t) not in trained and not borrowed:
+            out.append(f"{s}-{t} (lang_pair routing: pair never trained)")
+        elif "target" in kinds and t not in targets:
+            out.append(f"{s}-{t} (target routing: {t} was never a training target)")
+    return out
+
+
+def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True,
+                     allow_untrained: bool = False) -> Tuple[dict, PruneReport]:
+    """Return (pruned checkpoint dict, report). The input dict is not modified.
+
+    A pair whose route comes from a gate row that training never updated (lang_pair routing of
+    a zero-shot pair, whose row keeps its random initialisation) is refused unless
+    allow_untrained, in which case the report carries a warning."""
     args = model_args(state)
     if getattr(args, "moe_pruned_layout", None):
         raise PruningError("this checkpoint is already pruned; prune the full checkpoint instead")
     moe = MoEConfig.from_namespace(args)
     langs = moe.langs
     pairs = parse_pairs(pair_spec, langs)
+    warnings = []
+    trained = trained_pairs(state)
+    task_kinds = {k for k in (moe.encoder_moe_routing, moe.decoder_moe_routing)
+                  if k in TASK_ROUTING_KINDS} if moe.moe_freq > 0 else set()
+    if trained is None:
+        warnings.append("the checkpoint does not record its training --lang-pairs: whether each "
+                        "route was trained is not checked")
+    else:
+        # checkpoints that do not record their trained pairs route every pair by its own row
+        policy = moe.moe_unseen_pairs if moe.moe_trained_pairs else "own_row"
+        untrained = _untrained_routes(pairs, task_kinds, trained, policy)
+        if untrained and not allow_untrained:
+            raise PruningError(
+                f"untrained route(s): {'; '.join(untrained)}. Their gate rows keep their random "
+                f"initialisation, so the pruned experts would be arbitrary. Trained pairs: "
+                f"{', '.join(f'{s}-{t}' for s, t in trained)}. Pass --allow-untrained-routes to "
+                "prune them anyway")
+        warnings += [f"untrained route kept on request: {u}" for u in untrained]
     ids = TaskIds(torch.tensor([langs.index(s) for s, _ in pairs]),
                   torch.tensor([langs.index(t) for _, t in pairs]), len(langs))
     model = state["model"]
@@ -178,7 +256,8 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[d
                 task_names.setdefault(tid, t if kind == "target" else f"{s}-{t}")
             new_params, layout[name] = _prune_layer(
                 params, sorted(task_names), task_names, moe.moe_top_k,
-                num_task_ids(kind, len(langs)), merge, report)
+                num_task_ids(kind, len(langs)), merge, report,
+                moe.pair_mixing() if kind == "lang_pair" else None)
             for key in params:
                 del new_model[prefix + key]
             new_model.update({prefix + k: v for k, v in new_params.items()})
@@ -189,13 +268,21 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[d
             f"{moe.encoder_moe_routing}, decoder {moe.decoder_moe_routing}, --moe-freq "
             f"{moe.moe_freq}); only target/lang_pair routed layers have a per-task sub-network"
         )
-    task_kinds = {r.routing for r in reports}
-    if task_kinds == {"target"}:  # any source language routes the same: serve '*-tgt'
-        served = sorted({f"*-{t}" for _, t in pairs})
+    # what the checkpoint serves depends on its pruned layers only: token- and sentence-routed
+    # layers are whole and serve any pair
+    if {r.routing for r in reports if r.action == "pruned"} == {"target"}:
+        served = sorted({f"*-{t}" for _, t in pairs})  # any source routes the same
     else:
         served = [f"{s}-{t}" for s, t in pairs]
     pruned = {k: v for k, v in state.items() if k not in ("model", "cfg", "args",
                                                          "last_optimizer_state")}
+    extra = state.get("extra_state")
+    if isinstance(extra, dict) and extra.get("ema") is not None:
+        # EMA weights are a second copy of the full model; its gates may route differently, so
+        # they cannot share this layout. The pruned model serves the main weights.
+        pruned["extra_state"] = {k: v for k, v in extra.items() if k != "ema"}
+        warnings.append("EMA weights (extra_state['ema']) dropped: the pruned checkpoint holds "
+                        "the main weights only")
     new_args = copy.deepcopy(args)
     new_args.moe_pruned_layout = json.dumps(
         {"served_pairs": served, "merged": merge, "layers": layout}, sort_keys=True)
@@ -206,7 +293,7 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True) -> Tuple[d
     pruned["model"] = new_model
     pruned["last_optimizer_state"] = None  # optimizer state is for training the full model
     report = PruneReport(served, merge, count_parameters(model), count_parameters(new_model),
-                         reports)
+                         reports, warnings)
     return pruned, report
 
 
@@ -215,6 +302,7 @@ def count_parameters(model_state: Dict[str, Tensor]) -> int:
     embeddings appear under several keys), pruned routing tables (bookkeeping) not counted."""
     seen = {}
     for key, value in model_state.items():
-        if value.is_floating_point() and not key.endswith(("router.slot_weights", ".version")):
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not key.endswith(("router.slot_weights", ".version"))):
             seen[(value.data_ptr(), tuple(value.shape))] = value.numel()
     return sum(seen.values())

@@ -11,7 +11,7 @@ which is what makes per-task pruning exact.
 
 import uuid
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,26 +45,45 @@ class TaskIds:
 
     src_lang, tgt_lang: [B] long, indices into the run's `--langs` list. The language-pair id is
     `src * L + tgt`, defined for every ordered pair, so zero-shot pairs have an id too.
+    A side is None when it could not be known (ids read from language tags, see lang_tags.py,
+    where the source carries only the target's tag); routing that needs it then fails clearly.
+    `origin` says where the ids came from, for that error message.
     """
 
-    src_lang: Tensor
-    tgt_lang: Tensor
+    src_lang: Optional[Tensor]
+    tgt_lang: Optional[Tensor]
     num_langs: int
+    origin: str = "the task"
 
     def num_tasks(self, kind: str) -> int:
         return num_task_ids(kind, self.num_langs)
 
+    @property
+    def complete(self) -> bool:
+        return self.src_lang is not None and self.tgt_lang is not None
+
     def for_routing(self, kind: str) -> Tensor:
+        if kind not in TASK_ROUTING_KINDS:
+            raise ValueError(f"{kind!r} routing uses no task ids")
+        missing = [name for name, ids in (("source", self.src_lang), ("target", self.tgt_lang))
+                   if ids is None and (name == "target" or kind == "lang_pair")]
+        if missing:
+            raise RuntimeError(
+                f"{kind} routing needs each row's {' and '.join(missing)} language, which "
+                f"{self.origin} does not give. Pass src_lang_idx/tgt_lang_idx in net_input "
+                "(--task translation_task_moe does), or tag the source with the language that is "
+                "missing (--encoder-langtok tgt gives the target; the source language can only "
+                "come from ids, or from --encoder-langtok src with --decoder-langtok in a full "
+                "forward pass)")
         if kind == "target":
             return self.tgt_lang
-        if kind == "lang_pair":
-            return self.src_lang * self.num_langs + self.tgt_lang
-        raise ValueError(f"{kind!r} routing uses no task ids")
+        return self.src_lang * self.num_langs + self.tgt_lang
 
     def index_select(self, order: Tensor) -> "TaskIds":
         """Rows reordered (beam search) or expanded (one row per beam)."""
-        return TaskIds(self.src_lang.index_select(0, order), self.tgt_lang.index_select(0, order),
-                       self.num_langs)
+        def pick(ids):
+            return None if ids is None else ids.index_select(0, order)
+        return TaskIds(pick(self.src_lang), pick(self.tgt_lang), self.num_langs, self.origin)
 
 
 def num_task_ids(kind: str, num_langs: int) -> int:
@@ -75,7 +94,10 @@ def top_k_route(logits: Tensor, k: int) -> RoutingDecision:
     """GShard top-k: softmax over all experts, keep the k largest.
 
     With k > 1 the kept weights are renormalised to sum to 1 (GShard top-2). With k = 1 the raw
-    probability is kept (Switch), otherwise the gate would get no gradient.
+    probability is kept (Switch), otherwise the gate would get no gradient. Renormalisation
+    happens here, before any capacity limit drops assignments (GShard, Algorithm 2): a token
+    whose second choice is dropped keeps its first expert at the renormalised weight, not 1.
+    fairscale's Top2Gate renormalises after dropping instead.
     """
     logits = logits.float()  # gating math in fp32 whatever the model dtype
     probs = torch.softmax(logits, dim=-1)
@@ -95,8 +117,12 @@ class Router(nn.Module):
         self.top_k = top_k
 
     def forward(self, x: Tensor, routed: Tensor, **context) -> RoutingDecision:
-        """x: [T, B, C]; routed: [T, B] bool (non-pad). Returns the decision for the N routed."""
-        return top_k_route(self.logits(x, routed, **context), self.top_k)
+        """x: [T, B, C]; routed: [T, B] bool (non-pad). Returns the decision for the N routed.
+
+        Autocast (--amp, torch.autocast) would recast the gate's matmul to fp16/bf16 despite the
+        .float() inputs; the gate runs with autocast off so that routing is fp32 everywhere."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return top_k_route(self.logits(x, routed, **context), self.top_k)
 
 
 class TokenGate(Router):
@@ -173,22 +199,64 @@ def _task_ids_or_fail(task_ids: Optional[TaskIds], what: str) -> TaskIds:
     return task_ids
 
 
+UNSEEN_PAIR_POLICIES = ("target_mean", "own_row")
+
+
+def unseen_pair_mixing(num_langs: int, trained: Sequence[Tuple[int, int]],
+                       policy: str) -> Optional[Tensor]:
+    """How lang_pair routing reads the gate rows: [P, P] mixing matrix M (logits = M @ table),
+    or None for "use each pair's own row".
+
+    A pair never trained keeps the random initial logits of its row (its gradient is zero).
+    "target_mean" routes such a pair by the mean logits of the trained pairs into its target
+    language (zero-shot de-fr routes like the average of en-fr and cs-fr); a target no trained
+    pair reaches keeps its own row. "own_row" is the plain table lookup.
+    trained: (src, tgt) language indices of the training pairs.
+    """
+    if policy == "own_row" or not trained:
+        return None
+    if policy not in UNSEEN_PAIR_POLICIES:
+        raise ValueError(f"unknown unseen-pair policy {policy!r}; choose one of "
+                         f"{', '.join(UNSEEN_PAIR_POLICIES)}")
+    L = num_langs
+    mixing = torch.eye(L * L)
+    trained_ids = {s * L + t for s, t in trained}
+    for s in range(L):
+        for t in range(L):
+            into_t = [src * L + t for src, tgt in trained if tgt == t]
+            if s * L + t not in trained_ids and into_t:
+                mixing[s * L + t] = 0.0
+                mixing[s * L + t, into_t] = 1.0 / len(into_t)
+    return mixing
+
+
+def task_logit_table(weight: Tensor, mixing: Optional[Tensor]) -> Tensor:
+    """The task gate's logits for every task id: [P, E] fp32. Shared by the model and the
+    pruner, so that a pruned route is read exactly as the model reads it."""
+    table = weight.float()
+    return table if mixing is None else mixing.to(table) @ table
+
+
 class TaskGate(Router):
     """Gate on a task id (target language or language pair): `G = GATE(task_id)`.
 
     A learned logit table, i.e. a linear gate on the one-hot task id. Every token of a row gets
-    the row's logits, so the whole row goes to the same k experts.
+    the row's logits, so the whole row goes to the same k experts. For lang_pair routing,
+    `mixing` (see unseen_pair_mixing) says how pairs never trained read the table; it is
+    configuration, not state (a non-persistent buffer), so it can be changed at generation.
     """
 
-    def __init__(self, kind: str, num_tasks: int, num_experts: int, top_k: int):
+    def __init__(self, kind: str, num_tasks: int, num_experts: int, top_k: int,
+                 mixing: Optional[Tensor] = None):
         super().__init__(top_k)
         self.kind = kind
         self.wg = nn.Embedding(num_tasks, num_experts)
         nn.init.normal_(self.wg.weight, std=1.0)  # distinct logits per task: no ties at init
+        self.register_buffer("mixing", mixing, persistent=False)
 
     def logits(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
         ids = _task_ids_or_fail(task_ids, "task-routed MoE layer").for_routing(self.kind)  # [B]
-        logits = self.wg.weight.float()[ids]  # [B, E]
+        logits = task_logit_table(self.wg.weight, self.mixing)[ids]  # [B, E]
         return logits.unsqueeze(0).expand(routed.size(0), -1, -1)[routed]  # [N, E]
 
 
@@ -208,8 +276,9 @@ class FrozenTaskRouting(nn.Module):
         self.register_buffer("slot_weights", torch.zeros(num_tasks, slots))
 
     def single_ffn(self, num_ffns: int) -> bool:
-        """True when every served task uses the same one FFN with weight 1 (one task, merged):
-        the layer is then just that FFN."""
+        """True when the layer has one FFN and one slot per task: every served task uses that
+        FFN, scaled by its frozen weight (1 for merged experts; the raw gate probability for an
+        unmerged top-1 expert)."""
         return num_ffns == 1 and self.slot_indices.size(1) == 1
 
     def check_served(self, task_ids: Optional[TaskIds]):
@@ -233,11 +302,12 @@ class FrozenTaskRouting(nn.Module):
 
 
 def build_router(kind: str, embed_dim: int, num_experts: int, top_k: int, num_langs: int,
-                 causal: bool) -> Router:
+                 causal: bool, pair_mixing: Optional[Tensor] = None) -> Router:
     if kind == "token":
         return TokenGate(embed_dim, num_experts, top_k)
     if kind == "sentence":
         return SentenceGate(embed_dim, num_experts, top_k, causal)
     if kind in TASK_ROUTING_KINDS:
-        return TaskGate(kind, num_task_ids(kind, num_langs), num_experts, top_k)
+        mixing = pair_mixing if kind == "lang_pair" else None
+        return TaskGate(kind, num_task_ids(kind, num_langs), num_experts, top_k, mixing)
     raise ValueError(f"unknown MoE routing {kind!r}; choose one of {', '.join(ROUTING_KINDS)}")

@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""`make demo`: the whole job on real data, on a CPU, in about 10-15 minutes.
+"""`make demo`: the whole job on real data, on a CPU, in about 15 minutes.
 
-  1. prepare a Multi30k subset (SentencePiece + fairseq-preprocess)   scripts/prepare_multi30k.py
-  2. train a small task-MoE (target routing, 8 experts) with fairseq-train
-  3. translate the test set of every direction with fairseq-generate
+  1. prepare Multi30k en/de/fr/cs (SentencePiece + fairseq-preprocess)  scripts/prepare_multi30k.py
+  2. train a task-MoE (target routing, 8 experts) with fairseq-train, showing progress
+  3. translate the test set of every direction with fairseq-generate (beam 5)
   4. prune the checkpoint for one pair with taskmoe-prune
   5. translate that pair with the pruned checkpoint
-  6. print per-direction sacreBLEU, whether full and pruned hypotheses are identical, checkpoint
-     sizes, parameter counts and generation speed; also written to <work>/summary.json
+  6. export the pruned pair (taskmoe-export: a stock fairseq transformer, and CTranslate2 int8)
+  7. print per-direction sacreBLEU, a few example translations (source, full, pruned,
+     CTranslate2 int8, reference), whether full and pruned hypotheses are identical,
+     checkpoint sizes, parameter counts and generation speed; also in <work>/summary.json
+
+The model (DEMO_MODEL below): d=256, 3+3 layers, FFN 1024; the middle FFN of each side is an MoE
+of 8 experts of width 512, top-2 (so a token's active FFN width is 1024, as in the dense layers),
+routed by target language on both sides; shared embeddings, 8k SentencePiece vocabulary.
 
 Every step skips work already done (a re-run resumes, fairseq-train from checkpoint_last.pt);
 outputs are written under a temporary name and renamed.
@@ -30,6 +36,23 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LANGS = "en,de,fr,cs"
 PAIRS = ["en-de", "de-en", "en-fr", "fr-en", "en-cs", "cs-en"]
+DEFAULT_UPDATES = 3000
+DEFAULT_MINUTES = 10.0
+EXAMPLES = [0, 9, 21]  # test sentences shown next to the BLEU table
+DEMO_MODEL = [
+    "--arch", "task_moe", "--encoder-layers", 3, "--decoder-layers", 3,
+    "--encoder-embed-dim", 256, "--decoder-embed-dim", 256,
+    "--encoder-ffn-embed-dim", 1024, "--decoder-ffn-embed-dim", 1024,
+    "--encoder-attention-heads", 4, "--decoder-attention-heads", 4, "--share-all-embeddings",
+    "--moe-expert-count", 8, "--moe-expert-ffn-dim", 512, "--moe-top-k", 2,
+    "--encoder-moe-routing", "target", "--decoder-moe-routing", "target",
+]
+DEMO_TRAINING = [
+    "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", 0.1,
+    "--moe-gate-loss-wt", 0.01, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+    "--lr", 0.002, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 200,
+    "--dropout", 0.1, "--max-tokens", 2048,
+]
 
 
 def parse_args(argv=None):
@@ -37,10 +60,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(REPO / "work" / "demo"),
                    help="output folder (default: work/demo)")
-    p.add_argument("--train-size", type=int, default=10000,
-                   help="training lines per direction (default: %(default)s)")
-    p.add_argument("--max-update", type=int, default=500,
-                   help="training updates (default: %(default)s, a few minutes on 2 cores)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training lines per direction (default: all 29,000)")
+    p.add_argument("--max-update", type=int, default=DEFAULT_UPDATES,
+                   help="at most this many training updates (default: %(default)s)")
+    p.add_argument("--train-minutes", type=float, default=DEFAULT_MINUTES,
+                   help="and at most this much training time, counted over resumed sittings "
+                   "(fairseq's --stop-time-hours; default: %(default)s; 0 = no limit)")
     p.add_argument("--prune-pair", default="en-de", help="pair to prune for (default: en-de)")
     p.add_argument("--multi30k-dir", default=None, help="raw Multi30k folder "
                    "(default: $MULTI30K_DIR, else ../shared/data/multi30k, else download)")
@@ -72,7 +98,7 @@ def task_flags(data, langs=LANGS, pairs=",".join(PAIRS)):
             "--lang-pairs", pairs, "--encoder-langtok", "tgt", "--decoder-langtok"]
 
 
-def generate_command(data, checkpoint, pair, beam=4, max_tokens=8000, **task):
+def generate_command(data, checkpoint, pair, beam=5, max_tokens=8000, **task):
     """fairseq-generate on the test set of `pair`, hypotheses detokenized (SentencePiece)."""
     src, tgt = pair.split("-")
     return [BIN / "fairseq-generate", *task_flags(data, **task), "--source-lang", src,
@@ -91,27 +117,54 @@ def parse_generate(text):
     return hyps, float(speed.group(2)) if speed else None
 
 
+_PROGRESS = re.compile(r"loss[ =]([\d.]+).*num_updates[ =](\d+)")
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
 def train(args, data, save_dir: Path):
+    """fairseq-train, its log in save_dir/train.log; a progress line per 50 updates."""
     done = save_dir / "train.log"
     if done.exists():
         log(f"train: {done} exists, skipped")
         return
-    log(f"train: task_moe_small, target/target routing, 8 experts, {args.max_update} updates "
-        f"(resumes from {save_dir}/checkpoint_last.pt if present) ...")
+    limit = f" or {args.train_minutes:g} minutes" if args.train_minutes else ""
+    log(f"train: task-MoE (target/target routing, 8 experts), {args.max_update} updates"
+        f"{limit}, whichever comes first (resumes from {save_dir}/checkpoint_last.pt if "
+        "present) ...")
     save_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    run([BIN / "fairseq-train", *task_flags(data), "--arch", "task_moe_small",
-         "--encoder-moe-routing", "target", "--decoder-moe-routing", "target",
-         "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-         "--moe-gate-loss-wt", "0.01", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-         "--lr", "0.003", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "200",
-         "--dropout", "0.1", "--max-tokens", "4096", "--max-update", args.max_update,
-         "--sampling-method", "temperature", "--sampling-temperature", "1.5",
-         "--save-dir", save_dir, "--no-epoch-checkpoints", "--keep-last-epochs", "1",
-         "--validate-interval-updates", 250, "--save-interval-updates", 250,
-         "--keep-interval-updates", 1, "--log-format", "simple", "--log-interval", 100,
-         "--cpu", "--seed", 1], log_path=done)
-    log(f"train: done in {time.time() - start:.0f}s; log in {done}")
+    cmd = [str(c) for c in [
+        BIN / "fairseq-train", *task_flags(data), *DEMO_MODEL, *DEMO_TRAINING,
+        "--max-update", args.max_update, "--save-dir", save_dir, "--no-epoch-checkpoints",
+        "--save-interval-updates", 300, "--keep-interval-updates", 1, "--disable-validation",
+        "--log-format", "simple", "--log-interval", 50, "--num-workers", 0, "--cpu",
+        "--seed", 1, "--stop-time-hours", args.train_minutes / 60]]
+    start, first_update = time.time(), None
+    tmp = done.with_name(done.name + ".tmp")
+    with open(tmp, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, PYTHONWARNINGS="ignore"), cwd=REPO)
+        for line in proc.stdout:
+            out.write(line)
+            m = _PROGRESS.search(line) if "train_inner" in line else None
+            if m:
+                loss, updates = float(m.group(1)), int(m.group(2))
+                if first_update is None:  # a resumed run starts counting here
+                    first_update, first_time = updates - 50, start
+                elapsed = time.time() - start
+                rate = (updates - first_update) / max(time.time() - first_time, 1e-6)
+                left = (args.max_update - updates) / max(rate, 1e-6)
+                if args.train_minutes:
+                    left = min(left, max(args.train_minutes * 60 - elapsed, 0))
+                log(f"  update {updates:5d}/{args.max_update}  loss {loss:6.3f}  "
+                    f"elapsed {_clock(elapsed)}  left ~{_clock(left)}")
+        proc.wait()
+    if proc.returncode != 0:
+        sys.exit(f"[demo] fairseq-train failed; see {tmp}\n" + tmp.read_text()[-3000:])
+    tmp.rename(done)
+    log(f"train: done in {_clock(time.time() - start)}; log in {done}")
 
 
 def generate(data, checkpoint, pair, out: Path):
@@ -130,21 +183,23 @@ def bleu(hyps, ref_path: Path):
 
 
 def count_params(checkpoint: Path) -> int:
-    import torch
-
+    from fairseq_taskmoe.compat import load_checkpoint
     from fairseq_taskmoe.pruning import count_parameters
 
-    return count_parameters(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    return count_parameters(load_checkpoint(str(checkpoint))["model"])
 
 
 def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)  # fairscale vs current torch
     args = parse_args(argv)
+    started = time.time()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     prep = work / "multi30k"
     prep_cmd = [sys.executable, REPO / "scripts" / "prepare_multi30k.py", "--out", prep,
-                "--langs", LANGS, "--pairs", ",".join(PAIRS), "--train-size", args.train_size]
+                "--langs", LANGS, "--pairs", ",".join(PAIRS)]
+    if args.train_size:
+        prep_cmd += ["--train-size", args.train_size]
     if args.multi30k_dir:
         prep_cmd += ["--multi30k-dir", args.multi30k_dir]
     log("prepare data ...")
@@ -155,40 +210,47 @@ def main(argv=None):
     train(args, data, save_dir)
     full_ckpt = save_dir / "checkpoint_last.pt"
 
+    pair = args.prune_pair
+    pruned_ckpt = work / f"pruned.{pair}.pt"
+    if not pruned_ckpt.exists():
+        log(f"prune for {pair} ...")
+        run([BIN / "taskmoe-prune", full_ckpt, "--lang-pair", pair, "--output", pruned_ckpt])
+
     gen_dir = work / "generate"
     gen_dir.mkdir(exist_ok=True)
-    results = {}
-    for pair in PAIRS:
-        log(f"generate {pair} (full model) ...")
-        hyps, speed = generate(data, full_ckpt, pair, gen_dir / f"full.{pair}.txt")
-        results[pair] = {"bleu": bleu(hyps, prep / "text" / f"test.{pair.split('-')[1]}"),
-                         "tokens_per_s": speed}
-
-    pruned_ckpt = work / f"pruned.{args.prune_pair}.pt"
-    if not pruned_ckpt.exists():
-        log(f"prune for {args.prune_pair} ...")
-        run([BIN / "taskmoe-prune", full_ckpt, "--lang-pair", args.prune_pair,
-             "--output", pruned_ckpt])
-    # full and pruned generation of the pruned pair, timed back to back in this run
-    pair = args.prune_pair
-    log(f"generate {pair} with the full and the pruned checkpoint, back to back ...")
-    for name in (f"full-timed.{pair}.txt", f"pruned.{pair}.txt"):
-        (gen_dir / name).unlink(missing_ok=True)
-    full_hyps, full_speed = generate(data, full_ckpt, pair, gen_dir / f"full-timed.{pair}.txt")
+    results, full_hyps = {}, {}
+    # the pruned pair last, so that its full and pruned runs are timed back to back
+    for p in sorted(PAIRS, key=lambda p: p == pair):
+        log(f"generate {p} (full model, beam 5) ...")
+        full_hyps[p], speed = generate(data, full_ckpt, p, gen_dir / f"full.{p}.txt")
+        results[p] = {"bleu": bleu(full_hyps[p], prep / "text" / f"test.{p.split('-')[1]}"),
+                      "tokens_per_s": speed}
+    results = {p: results[p] for p in PAIRS}
+    log(f"generate {pair} (pruned checkpoint) ...")
     pruned_hyps, pruned_speed = generate(data, pruned_ckpt, pair, gen_dir / f"pruned.{pair}.txt")
+    ct2_examples = export_and_translate(work, data, prep, pruned_ckpt, pair)
     ref = prep / "text" / f"test.{pair.split('-')[1]}"
+    src_lines = (prep / "text" / f"test.{pair.split('-')[0]}").read_text().splitlines()
+    ref_lines = ref.read_text().splitlines()
     summary = {
         "directions": results,
+        "average_bleu": sum(r["bleu"] for r in results.values()) / len(results),
+        "examples": [{"source": src_lines[i], "full": full_hyps[pair][i],
+                      "pruned": pruned_hyps[i], "ctranslate2 int8": ct2_examples.get(i, ""),
+                      "reference": ref_lines[i]}
+                     for i in EXAMPLES if i in pruned_hyps],
         "pruned": {
             "pair": pair,
-            "identical_hypotheses": full_hyps == pruned_hyps,
-            "bleu_full": bleu(full_hyps, ref),
+            "identical_hypotheses": sum(pruned_hyps.get(i) == h
+                                        for i, h in full_hyps[pair].items()),
+            "sentences": len(full_hyps[pair]),
+            "bleu_full": results[pair]["bleu"],
             "bleu_pruned": bleu(pruned_hyps, ref),
             "bytes_full": full_ckpt.stat().st_size,
             "bytes_pruned": pruned_ckpt.stat().st_size,
             "params_full": count_params(full_ckpt),
             "params_pruned": count_params(pruned_ckpt),
-            "tokens_per_s_full": full_speed,
+            "tokens_per_s_full": results[pair]["tokens_per_s"],
             "tokens_per_s_pruned": pruned_speed,
         },
     }
@@ -196,16 +258,47 @@ def main(argv=None):
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.rename(work / "summary.json")
     print_summary(summary)
+    log(f"done in {_clock(time.time() - started)} (steps already done were skipped)")
+
+
+def export_and_translate(work: Path, data: Path, prep: Path, pruned_ckpt: Path, pair: str):
+    """Export the pruned pair for serving without the plugin (a stock fairseq transformer, and
+    CTranslate2 int8), then translate the example sentences with CTranslate2."""
+    from fairseq_taskmoe.ct2 import load_ct2_translator
+
+    exported = work / f"export.{pair}.transformer.pt"
+    ct2_dir = work / f"export.{pair}.ct2"
+    if not exported.exists():
+        log(f"export {pair} as a stock fairseq transformer ...")
+        run([BIN / "taskmoe-export", pruned_ckpt, "--lang-pair", pair, "--format", "fairseq",
+             "--output", exported])
+    if not ct2_dir.exists():
+        log(f"export {pair} to CTranslate2 (int8) ...")
+        run([BIN / "taskmoe-export", pruned_ckpt, "--lang-pair", pair, "--format", "ctranslate2",
+             "--data", data, "--spm-model", prep / "spm.model", "--quantization", "int8",
+             "--output", ct2_dir])
+    sources = (prep / "text" / f"test.{pair.split('-')[0]}").read_text().splitlines()
+    outputs = load_ct2_translator(ct2_dir).translate([sources[i] for i in EXAMPLES], beam=5)
+    return dict(zip(EXAMPLES, outputs))
 
 
 def print_summary(summary):
-    print("\nper-direction sacreBLEU (Multi30k test_2016_flickr, full task-MoE checkpoint)")
+    print("\nper-direction sacreBLEU (Multi30k test_2016_flickr, full task-MoE checkpoint, "
+          "beam 5)")
     print(f"  {'pair':6s} {'BLEU':>6s} {'gen tok/s':>10s}")
     for pair, r in summary["directions"].items():
         print(f"  {pair:6s} {r['bleu']:6.2f} {r['tokens_per_s'] or 0:10.1f}")
+    print(f"  {'avg':6s} {summary['average_bleu']:6.2f}")
     p = summary["pruned"]
+    print(f"\nexample translations, {p['pair']}:")
+    for ex in summary["examples"]:
+        for key in ("source", "full", "pruned", "ctranslate2 int8", "reference"):
+            print(f"  {key:16s} {ex[key]}")
+        print()
     print(f"\npruned for {p['pair']}:")
-    print(f"  hypotheses identical to the full model: {p['identical_hypotheses']}")
+    print(f"  hypotheses identical to the full model: {p['identical_hypotheses']} of "
+          f"{p['sentences']} (merging experts changes float rounding, ~1e-7, so a beam near-tie "
+          "can flip)")
     print(f"  BLEU full {p['bleu_full']:.2f} / pruned {p['bleu_pruned']:.2f}")
     print(f"  checkpoint bytes full {p['bytes_full']:,} / pruned {p['bytes_pruned']:,} "
           f"({p['bytes_pruned'] / p['bytes_full']:.1%})")

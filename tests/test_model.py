@@ -137,3 +137,103 @@ def test_langs_are_required(tiny_data):
     args.langs = None
     with pytest.raises(ValueError, match="--langs"):
         tasks.setup_task(args)
+
+
+def test_reordered_langs_are_refused_when_loading_weights(tiny_data):
+    """Resume / fine-tune build the model from the new --langs, then load the state dict: the
+    language list stored in it must match, or the gate rows would be silently permuted."""
+    args, task, model = build_task_and_model(tiny_data)
+    state = model.state_dict()
+    assert state["_extra_state"] == {"moe_langs": "en,de,fr"}
+    _, _, other = build_task_and_model(tiny_data, ["--langs", "de,en,fr"])
+    with pytest.raises(ValueError, match="trained with --langs en,de,fr.*Pass --langs en,de,fr"):
+        other.load_state_dict(state, strict=True)
+    _, _, same = build_task_and_model(tiny_data)
+    same.load_state_dict(state, strict=True)
+    legacy = {k: v for k, v in state.items() if k != "_extra_state"}  # older checkpoints
+    same.load_state_dict(legacy, strict=True)
+
+
+def test_moe_transformer_is_the_same_model(tiny_data):
+    from fairseq_taskmoe.moe_layer import MoELayer
+    args, task, model = build_task_and_model(
+        tiny_data, ["--arch", "moe_transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+                    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+                    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+                    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"])
+    assert type(model).__name__ == "TaskMoETransformerModel"
+    assert isinstance(model.encoder.layers[1].ffn, MoELayer)
+
+
+def _without_ids(net):
+    return {k: v for k, v in net.items() if k not in ("src_lang_idx", "tgt_lang_idx")}
+
+
+def test_ids_are_read_from_language_tags_when_the_batch_has_none(tiny_data):
+    """A mixed batch without per-row ids: target ids come from the source tag
+    (--encoder-langtok tgt), per row and pad-aware (sources are left-padded)."""
+    args, task, model = build_task_and_model(tiny_data)  # target / target
+    model.eval()
+    net = first_batch(task)["net_input"]
+    assert len(set(net["tgt_lang_idx"].tolist())) == 3, "a batch mixing target languages"
+    assert net["src_tokens"].eq(task.source_dictionary.pad()).any(), "with left padding"
+    ids = model.encoder.task_ids(net["src_tokens"], None, None)
+    assert torch.equal(ids.tgt_lang, net["tgt_lang_idx"]) and ids.src_lang is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_without_ids(net))[0], model(**net)[0])
+    # lang_pair routing needs the source language, which a target tag cannot give
+    _, _, pair_model = build_task_and_model(tiny_data, ["--encoder-moe-routing", "lang_pair"])
+    with pytest.raises(RuntimeError, match="needs each row's source language"):
+        pair_model.eval()(**_without_ids(net))
+
+
+def test_ids_from_source_and_decoder_tags(tiny_data):
+    """--encoder-langtok src --decoder-langtok: the source tag names the source language and
+    the decoder's prefix the target; a full forward pass reads both."""
+    args, task, model = build_task_and_model(
+        tiny_data, ["--encoder-langtok", "src", "--encoder-moe-routing", "lang_pair",
+                    "--decoder-moe-routing", "lang_pair"])
+    model.eval()
+    batch = first_batch(task)
+    net = batch["net_input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_without_ids(net))[0], model(**net)[0])
+    broken = _without_ids(net)
+    broken["src_tokens"] = net["src_tokens"].clone()
+    first = broken["src_tokens"].ne(task.source_dictionary.pad()).int().argmax(1)
+    broken["src_tokens"][2, first[2]] = task.source_dictionary.index("e1")  # not a tag
+    with pytest.raises(RuntimeError, match=r"cannot read the language of row\(s\) \[2\]"):
+        model(**broken)
+
+
+def test_capacity_applies_in_training_only_unless_asked_for_in_eval():
+    from fairseq_taskmoe.experts import ExpertFFNs
+    from fairseq_taskmoe.moe_layer import MoELayer
+    from fairseq_taskmoe.routing import TokenGate
+
+    torch.manual_seed(0)
+    layer = MoELayer(TokenGate(8, 4, 2), ExpertFFNs(8, [16] * 4, torch.relu, torch.nn.Identity()),
+                     capacity_factor=0.5)
+    with torch.no_grad():
+        layer.router.wg.weight.zero_()
+        layer.router.wg.weight[0] = 1.0  # every token prefers expert 0: capacity overflows
+    x = torch.rand(10, 3, 8)
+    _, train_stats = layer.train()(x)
+    assert int(train_stats.dropped) > 0
+    out, eval_stats = layer.eval()(x)
+    assert int(eval_stats.dropped) == 0, "eval is dropless by default"
+    layer.eval_capacity_factor = 0.5
+    _, capped = layer(x)
+    assert int(capped.dropped) == int(train_stats.dropped)
+
+
+def test_balance_scope_tasks_reaches_task_routed_layers(tiny_data):
+    results = {}
+    for scope in ("tokens", "tasks"):
+        args, task, model = build_task_and_model(
+            tiny_data, ["--moe-balance-scope", scope, "--encoder-moe-routing", "token"])
+        model.eval()
+        _, extra = model(**first_batch(task)["net_input"])
+        results[scope] = {name: float(s.balance_loss) for name, s in extra["moe_stats"]}
+    assert results["tokens"]["enc1"] == results["tasks"]["enc1"]  # token layer: tokens always
+    assert results["tokens"]["dec1"] != results["tasks"]["dec1"]

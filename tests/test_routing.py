@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fairseq_taskmoe.routing import (
@@ -78,14 +79,44 @@ def test_sentence_gate_decoder_incremental_equals_full():
     assert torch.equal(state[gate.state_key]["sum"][0], state[gate.state_key]["sum"][1])
 
 
-def test_eval_routing_is_deterministic():
+def test_token_routing_of_a_token_does_not_depend_on_the_rest_of_the_batch():
+    """What makes incremental decoding route as full decoding: a token's route is a function
+    of its own representation only (no batch-level normalisation or noise in eval)."""
     torch.manual_seed(0)
     gate = TokenGate(8, 4, 2).eval()
     x = torch.randn(3, 2, 8)
     routed = torch.ones(3, 2, dtype=torch.bool)
-    a, b = gate(x, routed), gate(x, routed)
-    assert torch.equal(a.expert_indices, b.expert_indices)
-    assert torch.equal(a.expert_weights, b.expert_weights)
+    whole = gate(x, routed)
+    alone = gate(x[1:2, 1:2], routed[1:2, 1:2])  # token (t=1, b=1) in a batch of its own
+    row = 1 * 2 + 1  # its row in the [N] order of the whole batch
+    assert torch.equal(alone.expert_indices[0], whole.expert_indices[row])
+    torch.testing.assert_close(alone.expert_weights[0], whole.expert_weights[row])
+
+
+@pytest.mark.parametrize("gate_kind", ["token", "sentence"])
+def test_gating_stays_fp32_under_autocast(gate_kind):
+    """--amp / torch.autocast must not recast the gate's matmul to low precision."""
+    torch.manual_seed(0)
+    gate = (TokenGate(16, 8, 2) if gate_kind == "token" else SentenceGate(16, 8, 2, False)).eval()
+    x = torch.randn(5, 3, 16)
+    routed = torch.ones(5, 3, dtype=torch.bool)
+    want = gate(x, routed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gate(x.bfloat16(), routed)
+    assert got.router_logits.dtype == torch.float32
+    # bf16 inputs are rounded, so compare with the fp32 gate on the same rounded inputs
+    want = gate(x.bfloat16().float(), routed)
+    assert torch.equal(got.router_logits, want.router_logits)
+    assert torch.equal(got.expert_indices, want.expert_indices)
+
+
+def test_task_ids_with_an_unknown_side_fail_clearly_only_when_needed():
+    ids = TaskIds(None, torch.tensor([1, 2]), num_langs=3, origin="the batch's language tags")
+    assert ids.for_routing("target").tolist() == [1, 2]
+    with pytest.raises(RuntimeError, match="lang_pair routing needs each row's source language"):
+        ids.for_routing("lang_pair")
+    assert not ids.complete
+    assert ids.index_select(torch.tensor([1])).src_lang is None
 
 
 def test_frozen_routing_refuses_unserved_task():
@@ -102,3 +133,23 @@ def test_frozen_routing_refuses_unserved_task():
         assert "serves only *-de" in str(err)
     else:
         raise AssertionError("an unserved task must be refused")
+
+
+def test_unseen_pairs_read_the_mean_of_the_trained_rows_into_their_target():
+    from fairseq_taskmoe.routing import task_logit_table, unseen_pair_mixing
+
+    L = 3  # en, de, fr; trained: en-de, fr-de, de-en
+    trained = [(0, 1), (2, 1), (1, 0)]
+    mixing = unseen_pair_mixing(L, trained, "target_mean")
+    table = torch.randn(L * L, 4)
+    mixed = task_logit_table(table, mixing)
+    for s, t in trained:  # trained pairs keep their own row
+        assert torch.equal(mixed[s * L + t], table[s * L + t])
+    torch.testing.assert_close(mixed[2 * L + 0], table[1 * L + 0])  # fr-en <- de-en
+    # no trained pair into fr: en-fr keeps its own row
+    assert torch.equal(mixed[0 * L + 2], table[0 * L + 2])
+    assert unseen_pair_mixing(L, trained, "own_row") is None
+    gate = TaskGate("lang_pair", L * L, 4, 2, mixing)
+    ids = TaskIds(torch.tensor([2]), torch.tensor([0]), L)  # fr-en, zero-shot
+    got = gate.logits(torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool), task_ids=ids)
+    torch.testing.assert_close(got[0], gate.wg.weight[1 * L + 0])

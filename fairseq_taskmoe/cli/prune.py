@@ -2,16 +2,15 @@
 
     taskmoe-prune checkpoints/checkpoint_best.pt --lang-pair en-de --output en-de.pt
     taskmoe-prune checkpoints/checkpoint_best.pt --lang-pair '*-de' --output into-de.pt
+    taskmoe-prune checkpoints/checkpoint_last --lang-pair en-de --output en-de.pt  # sharded
 """
 
 import argparse
 import os
 import sys
-import tempfile
 
-import torch
-
-from ..compat import load_checkpoint
+from ..atomic import write_atomically
+from ..checkpoints import CheckpointError, checkpoint_bytes, find_checkpoint, load_any
 from ..pruning import PruneReport, PruningError, prune_checkpoint
 
 
@@ -23,28 +22,38 @@ def build_parser():
         "optimizer state, and write a checkpoint that fairseq-generate serves with the same "
         "flags as the full model and identical output for those tasks.",
     )
-    parser.add_argument("checkpoint", help="full task-MoE checkpoint written by fairseq-train")
+    parser.add_argument("checkpoint", help="full task-MoE checkpoint written by fairseq-train, "
+                        "or the prefix of a sharded one (e.g. checkpoints/checkpoint_last for "
+                        "checkpoint_last-shared.pt + checkpoint_last-rank-*.pt)")
     parser.add_argument("--lang-pair", required=True, metavar="PAIRS",
                         help="comma-separated pairs to serve, e.g. en-de or en-de,en-fr; "
                         "'*-de' means every language into de")
     parser.add_argument("--output", "-o", required=True, help="path of the pruned checkpoint")
     parser.add_argument("--no-merge", action="store_true",
-                        help="keep a task's k experts as separate FFNs with their frozen gate "
-                        "weights instead of merging them into one FFN (same outputs, slower)")
+                        help="keep every task's k experts as separate FFNs with their frozen gate "
+                        "weights instead of merging them (same outputs, slower). By default each layer takes "
+                        "the smaller exact form: one merged FFN per distinct route, or the "
+                        "unmerged union when several tasks share experts")
+    parser.add_argument("--allow-untrained-routes", action="store_true",
+                        help="prune a pair even when a task-routed layer reads its route from a "
+                        "gate row that training never updated (a lang_pair-routed zero-shot "
+                        "pair): by default that is refused, since the route is random")
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     return parser
 
 
 def print_report(report: PruneReport, bytes_before: int, bytes_after: int, out=sys.stdout):
-    print(f"serves: {', '.join(report.served_pairs)}"
-          f"  ({'merged' if report.merged else 'unmerged'} experts)", file=out)
+    print(f"serves: {', '.join(report.served_pairs)}", file=out)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=out)
     for layer in report.layers:
         if layer.action == "pruned":
             kept = "; ".join(f"{task}: " + " ".join(f"e{e}*{w:.3f}" for e, w in picks)
                              for task, picks in layer.kept.items())
             dims = "+".join(map(str, layer.ffn_dims))
             print(f"  {layer.name:18s} {layer.routing:9s} pruned {layer.experts_before} -> "
-                  f"{len(layer.ffn_dims)} FFN (dim {dims})   {kept}", file=out)
+                  f"{len(layer.ffn_dims)} FFN (dim {dims}) {layer.form} ({layer.why})   {kept}",
+                  file=out)
         else:
             print(f"  {layer.name:18s} {layer.routing:9s} kept whole ({layer.experts_before} "
                   "experts: routing depends on the input)", file=out)
@@ -55,23 +64,14 @@ def print_report(report: PruneReport, bytes_before: int, bytes_after: int, out=s
           f"({bytes_after / bytes_before:.1%}; the full one includes optimizer state)", file=out)
 
 
-def write_atomically(obj, path: str):
-    """torch.save to a temporary file in the same folder, then rename: never a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".taskmoe-prune.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if not os.path.isfile(args.checkpoint):
+        try:
+            found = find_checkpoint(args.checkpoint)
+        except CheckpointError as err:
+            raise PruningError(str(err)) from err
+        if found is None:
             raise PruningError(f"checkpoint {args.checkpoint} does not exist")
         if os.path.exists(args.output) and not args.force:
             raise PruningError(f"{args.output} exists; pass --force to overwrite it")
@@ -80,16 +80,19 @@ def main(argv=None):
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise PruningError(f"folder of --output {args.output} does not exist")
         try:
-            state = load_checkpoint(args.checkpoint)
+            state = load_any(args.checkpoint)
+        except CheckpointError as err:
+            raise PruningError(str(err)) from err
         except Exception as err:  # truncated zip, not a pickle, ...
             raise PruningError(f"cannot read {args.checkpoint} ({type(err).__name__}: {err}); "
                                "is it a complete fairseq checkpoint?") from err
-        pruned, report = prune_checkpoint(state, args.lang_pair, merge=not args.no_merge)
+        pruned, report = prune_checkpoint(state, args.lang_pair, merge=not args.no_merge,
+                                          allow_untrained=args.allow_untrained_routes)
         write_atomically(pruned, args.output)
     except PruningError as err:
         print(f"taskmoe-prune: error: {err}", file=sys.stderr)
         return 2
-    print_report(report, os.path.getsize(args.checkpoint), os.path.getsize(args.output))
+    print_report(report, checkpoint_bytes(found), os.path.getsize(args.output))
     print(f"wrote {args.output}")
     return 0
 

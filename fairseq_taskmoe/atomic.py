@@ -1,0 +1,48 @@
+"""Write files atomically: a reader (or a crash) never sees a partial output file.
+
+The data goes to a temporary file in the destination's folder, is flushed and fsynced, gets the
+permissions a plain `open()` would give it (mkstemp creates 0600), and is renamed over the
+destination; the folder is fsynced so the rename survives a crash.
+"""
+
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Callable, IO, Iterator
+
+import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
+    """`with atomic_file(p) as f: f.write(...)`: p appears complete or not at all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_atomically(obj, path: str, save: Callable = torch.save):
+    """torch.save(obj) to `path` atomically."""
+    with atomic_file(path) as f:
+        save(obj, f)

@@ -1,0 +1,179 @@
+"""taskmoe-export: serve one pair of a task-MoE checkpoint without the plugin.
+
+    taskmoe-export checkpoints/checkpoint_best.pt --lang-pair en-de --format fairseq \\
+        --output en-de.transformer.pt
+    taskmoe-export checkpoints/checkpoint_best.pt --lang-pair en-de --format ctranslate2 \\
+        --data data-bin --spm-model spm.model --quantization int8 --output en-de.ct2
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from ..atomic import write_atomically
+from ..compat import load_checkpoint
+from ..export import (CONVENTION_FILE, DenseExport, ExportError, export_info, extract_dense,
+                      fairseq_flags, language_convention, to_ctranslate2,
+                      to_fairseq_transformer)
+from ..pruning import PruningError
+
+# CTranslate2's weight types (ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES), listed here so
+# that --help and --format fairseq work without CTranslate2 installed
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                 "bfloat16", "float32")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="taskmoe-export",
+        description="Export one language pair of a task-MoE checkpoint (full or pruned; a full "
+        "one is pruned for the pair and its experts merged on the way) as a dense model that "
+        "serves without the plugin: fairseq's own `transformer` for stock fairseq-generate (no "
+        "--user-dir), or a CTranslate2 model. Every MoE layer must be task-routed (target or "
+        "lang_pair): token- and sentence-routed layers have no dense equivalent.",
+    )
+    parser.add_argument("checkpoint", help="task-MoE checkpoint (fairseq-train or taskmoe-prune)")
+    parser.add_argument("--lang-pair", required=True, metavar="SRC-TGT",
+                        help="the one pair to export, e.g. en-de")
+    parser.add_argument("--format", required=True, choices=("fairseq", "ctranslate2"),
+                        help="fairseq: a checkpoint of fairseq's transformer (FFNs zero-padded "
+                        "to one width per side, exact); ctranslate2: a CTranslate2 model "
+                        "directory (per-layer FFN widths kept)")
+    parser.add_argument("--output", "-o", required=True,
+                        help="the checkpoint file (fairseq) or model directory (ctranslate2)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="ctranslate2: weight type (default: the checkpoint's, float32)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="ctranslate2: the fairseq data folder with the dictionaries "
+                        "(dict.LANG.txt); default: the one recorded in the checkpoint")
+    parser.add_argument("--spm-model", metavar="FILE",
+                        help="ctranslate2: SentencePiece model to copy next to the model (the "
+                        "Python API then takes raw text)")
+    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    return parser
+
+
+def _check_paths(args):
+    if not os.path.isfile(args.checkpoint):
+        raise ExportError(f"checkpoint {args.checkpoint} does not exist")
+    if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
+        raise ExportError("--output must differ from the input checkpoint")
+    if os.path.lexists(args.output) and not args.force:
+        raise ExportError(f"{args.output} exists; pass --force to overwrite it")
+    if args.format == "fairseq" and os.path.isdir(args.output):
+        raise ExportError(f"{args.output} is a directory; --format fairseq writes one file")
+    if args.format == "ctranslate2" and os.path.isfile(args.output):
+        raise ExportError(f"{args.output} is a file; --format ctranslate2 writes a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ExportError(f"folder of --output {args.output} does not exist")
+    if args.format == "fairseq":
+        given = [f for f in ("quantization", "data", "spm_model") if getattr(args, f)]
+        if given:
+            raise ExportError(f"--{given[0].replace('_', '-')} applies to --format ctranslate2 "
+                              "only")
+    if args.spm_model and not os.path.isfile(args.spm_model):
+        raise ExportError(f"--spm-model {args.spm_model} does not exist")
+
+
+def _data_dir(args, dense: DenseExport) -> str:
+    data = args.data or str(dense.task.get("data") or "").split(":")[0]
+    where = "--data" if args.data else "the data folder recorded in the checkpoint"
+    if not data or not os.path.isdir(data):
+        raise ExportError(f"{where} ({data or 'none'}) is not a folder: pass --data DIR, the "
+                          "fairseq data folder with the dictionaries (dict.LANG.txt)")
+    pairs = [p.split("-") for p in language_convention(dense)["lang_pairs"]]
+    for lang in dict.fromkeys([*dense.pair, *(lang for pair in pairs for lang in pair)]):
+        if not os.path.isfile(os.path.join(data, f"dict.{lang}.txt")):
+            raise ExportError(f"{where} {data} has no dict.{lang}.txt: pass --data DIR, the "
+                              "folder fairseq-preprocess wrote")
+    return data
+
+
+def write_ctranslate2(dense: DenseExport, args, source: str):
+    """Convert into a temporary folder next to --output, add the SentencePiece model and the
+    language-token convention, then rename: --output appears complete or not at all."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError as err:
+        raise ExportError("--format ctranslate2 needs CTranslate2: pip install ctranslate2") \
+            from err
+    data = _data_dir(args, dense)
+    parent = os.path.dirname(os.path.abspath(args.output))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output)}.", dir=parent)
+    old = None
+    try:
+        to_ctranslate2(dense, tmp, data, quantization=args.quantization, force=True)
+        info = {"format": "taskmoe-export ctranslate2", "source_checkpoint": source,
+                **export_info(dense), "quantization": args.quantization,
+                "add_source_eos": True, "spm_model": None}
+        if args.spm_model:
+            shutil.copyfile(args.spm_model, os.path.join(tmp, "spm.model"))
+            info["spm_model"] = "spm.model"
+        with open(os.path.join(tmp, CONVENTION_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        if os.path.lexists(args.output):  # --force: move the old one aside, then drop it
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output)}.old.", dir=parent)
+            os.replace(args.output, os.path.join(old, "x"))
+        os.replace(tmp, args.output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(args.output):  # put the old one back
+            os.replace(os.path.join(old, "x"), args.output)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        _check_paths(args)
+        try:
+            state = load_checkpoint(args.checkpoint)
+        except Exception as err:  # truncated zip, not a pickle, ...
+            raise ExportError(f"cannot read {args.checkpoint} ({type(err).__name__}: {err}); "
+                              "is it a complete fairseq checkpoint?") from err
+        dense = extract_dense(state, args.lang_pair)
+        if args.format == "fairseq":
+            write_atomically(to_fairseq_transformer(dense), args.output)
+        else:
+            write_ctranslate2(dense, args, os.path.abspath(args.checkpoint))
+    except (ExportError, PruningError) as err:
+        print(f"taskmoe-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {'-'.join(dense.pair)} (serves {', '.join(dense.served)}) as a dense "
+          f"{'fairseq transformer' if args.format == 'fairseq' else 'CTranslate2 model'}:")
+    for line in dense.layers:
+        print(f"  {line}")
+    if args.format == "fairseq":
+        widths = {side: max(dims) for side, dims in dense.ffn_dims.items()}
+        padded = [f"{side} {dims} -> {widths[side]}" for side, dims in dense.ffn_dims.items()
+                  if any(d != widths[side] for d in dims)]
+        if padded:
+            print(f"  FFN widths zero-padded (exact) to one per side: {'; '.join(padded)}")
+        print(f"serve with stock fairseq (no --user-dir): fairseq-generate DATA "
+              f"{fairseq_flags(dense)} --source-lang {dense.pair[0]} --target-lang "
+              f"{dense.pair[1]} --path {args.output}")
+    else:
+        print(f"  language tokens: {CONVENTION_FILE} in the model directory")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cli():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

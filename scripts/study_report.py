@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""Write docs/results.md from the study's results JSONs (scripts/study.py).
+
+    .venv/bin/python scripts/study_report.py        # results/study -> docs/results.md
+    .venv/bin/python scripts/study_report.py --results /tmp/r --out /tmp/results.md
+
+Every number in the page comes from a JSON; runs without one are listed as "not yet run", and the
+"reading" section only states what the present data shows. Re-run it after every sitting.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from study import (DIRECTIONS, REPO, TRAINED, VARIANTS, ZERO_SHOT,  # sibling script
+                   runs)
+
+sys.path.insert(0, str(REPO))
+from fairseq_taskmoe.atomic import atomic_file  # noqa: E402
+
+# Kudugunta et al. 2021, Table 1 (WMT, 30 directions, 32 experts): average BLEU.
+PAPER = {"dense": 20.0, "token_token": 22.6, "sentence_sentence": 19.9,
+         "lang_pair_lang_pair": 21.4, "target_target": 22.9, "token_target": 23.6}
+MAIN = list(PAPER)
+BALANCE = ["target_target_gl0", "target_target", "target_target_gl0.1", "target_target_tasks"]
+
+
+def load_results(folder: Path):
+    """{run name: results dict} of every *.json in `folder`."""
+    out = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        data = json.loads(path.read_text())
+        out[data.get("run", path.stem)] = data
+    return out
+
+
+def by_variant(results):
+    groups = {}
+    for data in results.values():
+        groups.setdefault(data["variant"], []).append(data)
+    for v in groups.values():
+        v.sort(key=lambda d: d["seed"])
+    return groups
+
+
+def stat(values):
+    """(mean, half the range) of the non-None values; (None, None) if there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, (max(values) - min(values)) / 2 if len(values) > 1 else None
+
+
+def fmt(mean, spread=None, digits=1, pct=False):
+    if mean is None:
+        return "–"
+    scale, unit = (100, "%") if pct else (1, "")
+    text = f"{mean * scale:.{digits}f}{unit}"
+    return text + (f" ± {spread * scale:.{digits}f}" if spread is not None else "")
+
+
+def signed(x, digits=1):
+    return "–" if x is None else f"{x:+.{digits}f}"
+
+
+def cell(runs_of_variant, getter, digits=1, pct=False):
+    return fmt(*stat([getter(r) for r in runs_of_variant]), digits=digits, pct=pct)
+
+
+def direction_value(key, pair):
+    return lambda r: r["directions"].get(pair, {}).get(key)
+
+
+def avg_value(group, key):
+    return lambda r: (r["averages"].get(group) or {}).get(key)
+
+
+def seeds_note(group):
+    return ", ".join(str(r["seed"]) for r in group)
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def hms(seconds):
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_setup(results):
+    any_run = next(iter(results.values()))
+    shared = " ".join(k if v is None else f"{k} {v}"
+                      for k, v in any_run["config"]["shared_flags"].items())
+    budgets = sorted({(r["budget"]["updates_done"], r["budget"]["max_tokens"])
+                      for r in results.values()})
+    sizes = sorted({str(r["data"]["train_lines_per_direction"]) for r in results.values()})
+    lid = any_run["langid"]
+    acc = ", ".join(f"{lang} {v['on_target']:.1%}" for lang, v in
+                    lid["accuracy_on_test_references"].items())
+    evaluated = sorted({tuple(r["data"]["evaluated_directions"]) for r in results.values()})
+    lines = [
+        "## Set-up",
+        "",
+        f"- Shared backbone and recipe (every run): `{shared}`.",
+        "- Budget (updates × max tokens per update): " + "; ".join(
+            f"{u:,} × {t:,} = {u * t:,} tokens" for u, t in budgets)
+        + (" **(runs differ in budget: compare with care)**" if len(budgets) > 1 else "") + ".",
+        f"- Training lines per direction: {', '.join(sizes)}; trained directions "
+        f"{', '.join(TRAINED)}; zero-shot (never trained) {', '.join(ZERO_SHOT)}.",
+        f"- Test set: {any_run['data']['test_set']}, beam 5; BLEU signature "
+        f"`{any_run['signatures']['bleu']}`, chrF signature `{any_run['signatures']['chrf']}`.",
+        f"- Off-target: share of hypotheses detected as a language other than the target "
+        f"(detector: {lid['method']}; hypotheses without evidence count as neither). The "
+        f"detector's accuracy on the test references: {acc}.",
+    ]
+    if len(evaluated) > 1 or list(evaluated[0]) != DIRECTIONS:
+        lines.append("- **Some runs were evaluated on a subset of the directions** (smoke "
+                     "settings); their averages are left empty.")
+    lens = {r["commands"].get("generate_max_len_b") for r in results.values()}
+    if lens != {None}:
+        lines.append(f"- **Generation length capped** (`--max-len-b {sorted(lens, key=str)}`: "
+                     "smoke settings).")
+    return "\n".join(lines)
+
+
+def section_status(results):
+    rows = []
+    for name, variant, seed in runs():
+        r = results.get(name)
+        if r is None:
+            rows.append([f"`{name}`", VARIANTS[variant]["label"], seed, "not yet run",
+                         "–", "–", "–"])
+            continue
+        rows.append([f"`{name}`", r["label"], seed, "done",
+                     f"{r['budget']['updates_done']:,}", hms(r["wall_seconds"]["training"]),
+                     hms(r["wall_seconds"]["evaluation"])])
+    return "## Runs\n\n" + table(
+        ["run", "encoder / decoder routing", "seed", "state", "updates", "training time",
+         "evaluation time"], rows)
+
+
+def section_table1(groups):
+    dense = groups.get("dense", [])
+    dense_mean = stat([avg_value("trained", "bleu")(r) for r in dense])[0]
+    rows = []
+    for v in MAIN:
+        g = groups.get(v, [])
+        paper_delta = PAPER[v] - PAPER["dense"]
+        if not g:
+            rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
+                         "not yet run", "–", "–", "–"])
+            continue
+        mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
+        ours_delta = mean - dense_mean if (mean is not None and dense_mean is not None) else None
+        rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
+                     cell(g, avg_value("trained", "bleu")), signed(ours_delta),
+                     cell(g, avg_value("zero_shot", "bleu")), seeds_note(g)])
+    return ("## Against the paper's Table 1\n\nPaper: WMT, 30 directions, 32 experts, average "
+            "BLEU. Here: Multi30k, the 6 trained directions averaged (and the 6 zero-shot ones), "
+            "8 experts. Δ is against the dense model of the same table; ± is half the range over "
+            "seeds.\n\n" + table(
+                ["encoder / decoder routing", "paper BLEU", "paper Δ vs dense",
+                 "ours: trained avg BLEU", "ours Δ vs dense", "ours: zero-shot avg BLEU",
+                 "seeds"], rows))
+
+
+def section_directions(groups, key, title, digits=1, pct=False, pairs=DIRECTIONS,
+                       averages=True):
+    header = ["model", *pairs]
+    if averages:
+        header += ["trained avg", "zero-shot avg"]
+    rows = []
+    for v in VARIANTS:
+        g = groups.get(v, [])
+        if not g:
+            rows.append([VARIANTS[v]["label"], "not yet run"] + [""] * (len(header) - 2))
+            continue
+        row = [VARIANTS[v]["label"] + (f" ({len(g)} seeds)" if len(g) > 1 else "")]
+        row += [cell(g, direction_value(key, p), digits, pct) for p in pairs]
+        if averages:
+            row += [cell(g, avg_value("trained", key), digits, pct),
+                    cell(g, avg_value("zero_shot", key), digits, pct)]
+        rows.append(row)
+    return f"## {title}\n\n" + table(header, rows)
+
+
+def unseen_policies(r):
+    """{policy: {zero-shot pair: record}} of a lang_pair run, {} when not evaluated."""
+    return (r.get("unseen_pairs") or {}).get("directions") or {}
+
+
+def section_off_target(groups):
+    header = ["model", *ZERO_SHOT, "avg off-target", "avg undetected"]
+
+    def zs_mean(key):
+        def get(r):
+            vals = [r["directions"].get(p, {}).get(key) for p in ZERO_SHOT]
+            return None if None in vals else sum(vals) / len(vals)
+        return get
+
+    rows = []
+    for v in VARIANTS:
+        g = groups.get(v, [])
+        if not g:
+            rows.append([VARIANTS[v]["label"], "not yet run"] + [""] * (len(header) - 2))
+            continue
+        rows.append([VARIANTS[v]["label"] + (f" ({len(g)} seeds)" if len(g) > 1 else ""),
+                     *[cell(g, direction_value("off_target", p), pct=True) for p in ZERO_SHOT],
+                     cell(g, zs_mean("off_target"), pct=True),
+                     cell(g, zs_mean("undetected"), pct=True)])
+    return ("## Off-target rate, zero-shot directions\n\nShare of hypotheses detected as a "
+            "language other than the target; \"undetected\" hypotheses (no stop word or "
+            "language-specific letter, or a tie) are counted apart.\n\n" + table(header, rows))
+
+
+def section_unseen(groups):
+    title = "## Unseen pairs under lang-pair routing\n\n"
+    g = groups.get("lang_pair_lang_pair", [])
+    if not g:
+        return title + "lang-pair / lang-pair: not yet run."
+    rows, notes, policies = [], [], []
+    for r in g:
+        unseen = r.get("unseen_pairs") or {}
+        if "skipped" in unseen:
+            notes.append(f"seed {r['seed']}: {unseen['skipped']}.")
+            continue
+        by_policy = unseen_policies(r)
+        policies = sorted(by_policy)
+        for pair in ZERO_SHOT:
+            recs = [by_policy[p].get(pair) for p in policies]
+            if any(x is None for x in recs):
+                continue
+            rows.append([f"{pair} (seed {r['seed']})", *[fmt(x["bleu"]) for x in recs],
+                         *[fmt(x["off_target"], pct=True) for x in recs]])
+        notes.append(f"seed {r['seed']}: the checkpoint's own setting is "
+                     f"`{unseen['checkpoint_default']}`; the other was applied with "
+                     f"`{unseen['override']}`.")
+    text = (title + "A zero-shot pair's own gate row is never trained. `moe_unseen_pairs` "
+            "chooses how lang-pair routing treats such a pair: `own_row` reads that untrained "
+            "row, `target_mean` routes by the mean logits of the trained pairs into the same "
+            "target language.")
+    parts = [text]
+    if rows:
+        parts.append(table(["direction", *[f"BLEU {p}" for p in policies],
+                            *[f"off-target {p}" for p in policies]], rows))
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes))
+    return "\n\n".join(parts)
+
+
+def section_params(groups):
+    rows = []
+    for v in VARIANTS:
+        g = groups.get(v, [])
+        if not g:
+            rows.append([VARIANTS[v]["label"], "not yet run", "", "", ""])
+            continue
+        r = g[0]
+        p = r["params"]
+        rows.append([r["label"], f"{p['total']:,}", f"{p['active_per_token']:,}",
+                     p["active_how"], f"{r['checkpoint_bytes']:,}"])
+    return ("## Parameters\n\n" + table(
+        ["model", "parameters", "active per token", "how 'active' is counted",
+         "checkpoint_last.pt bytes (with Adam state)"], rows))
+
+
+def section_pruning(results):
+    rows = []
+    for name, r in results.items():
+        for pair, p in (r.get("pruned") or {}).items():
+            full = r["directions"][pair]
+            rows.append([f"`{name}`", pair, fmt(full["bleu"], digits=2), fmt(p["bleu"], digits=2),
+                         "yes" if p["identical_hypotheses"] else "**no**",
+                         f"{p['bytes']:,}", f"{p['bytes'] / r['checkpoint_bytes']:.1%}",
+                         f"{p['params']:,}"])
+    if not rows:
+        return "## Pruned checkpoints\n\nNo task-routed run has finished yet."
+    return ("## Pruned checkpoints\n\nEvery task-routed run, pruned for each trained direction "
+            "with `taskmoe-prune CHECKPOINT --lang-pair PAIR` and re-evaluated.\n\n" + table(
+                ["run", "direction", "BLEU full", "BLEU pruned", "identical hypotheses",
+                 "pruned bytes", "of the full checkpoint", "pruned parameters"], rows))
+
+
+def top1_weight(r):
+    """Mean over pruned pairs and layers of the larger gate weight of the kept top-2 experts."""
+    ws = [max(w for _e, w in kept) for p in (r.get("pruned") or {}).values()
+          for kept in (p.get("kept_experts") or {}).values() if kept]
+    return sum(ws) / len(ws) if ws else None
+
+
+def balance_settings(v):
+    flags = [str(f) for f in VARIANTS[v]["flags"]]
+    wt = flags[flags.index("--moe-gate-loss-wt") + 1]
+    scope = flags[flags.index("--moe-balance-scope") + 1] if "--moe-balance-scope" in flags \
+        else "tokens (default)"
+    return wt, scope
+
+
+def section_balance(groups):
+    rows = []
+    for v in BALANCE:
+        wt, scope = balance_settings(v)
+        g = groups.get(v, [])
+        if not g:
+            rows.append([wt, scope, "not yet run", "", "", "", ""])
+            continue
+        rows.append([wt, scope, cell(g, avg_value("trained", "bleu")),
+                     cell(g, avg_value("trained", "chrf")), cell(g, avg_value("zero_shot", "bleu")),
+                     cell(g, avg_value("zero_shot", "off_target"), pct=True),
+                     fmt(stat([top1_weight(r) for r in g])[0], digits=3)])
+    return ("## Balance loss for target / target routing\n\nThe top-1 weight is the larger of "
+            "the two gate weights a task's route gives its experts, averaged over pruned pairs "
+            "and layers (0.5 = a tie between the two experts).\n\n" + table(
+                ["gate loss weight", "balance over", "trained avg BLEU", "trained avg chrF",
+                 "zero-shot avg BLEU", "zero-shot off-target", "top-1 gate weight"], rows))
+
+
+def section_heatmaps(results, out_dir: Path):
+    parts = []
+    for name, r in results.items():
+        png = r.get("heatmap")
+        if png and Path(png).exists():
+            rel = os.path.relpath(png, out_dir)
+            parts.append(f"### `{name}` ({r['label']})\n\n![{name}]({rel})")
+    intro = ("## Routing heatmaps\n\nShare of each language pair's (token, expert) assignments "
+             "per expert, per MoE layer, on the validation set (`scripts/routing_heatmap.py`).")
+    return intro + "\n\n" + ("\n\n".join(parts) if parts else "None yet.")
+
+
+def section_reading(results, groups):
+    """Statements that the present data supports, nothing else."""
+    out = []
+    missing = [name for name, _v, _s in runs() if name not in results]
+    if missing:
+        out.append(f"Not yet run: {', '.join(f'`{m}`' for m in missing)}; statements below "
+                   "cover the finished runs only.")
+    budgets = sorted({r["budget"]["updates_done"] for r in results.values()})
+    out.append(f"Scale: {', '.join(f'{b:,}' for b in budgets)} updates of at most "
+               f"{next(iter(results.values()))['budget']['max_tokens']:,} tokens on Multi30k "
+               f"({len(TRAINED)} trained directions, "
+               f"{next(iter(results.values()))['config']['shared_flags']['--moe-expert-count']} "
+               "experts) against the paper's WMT (30 directions, 32 experts, far longer "
+               "training): absolute BLEU is not comparable, only the sign and order of the "
+               "differences between routings are.")
+    mean = {v: stat([avg_value("trained", "bleu")(r) for r in g])[0] for v, g in groups.items()}
+    zs = {v: stat([avg_value("zero_shot", "bleu")(r) for r in g])[0] for v, g in groups.items()}
+    if mean.get("dense") is not None:
+        agree, disagree = [], []
+        for v in MAIN[1:]:
+            if mean.get(v) is None:
+                continue
+            ours, paper = mean[v] - mean["dense"], PAPER[v] - PAPER["dense"]
+            text = f"{VARIANTS[v]['label']} {ours:+.1f} (paper {paper:+.1f})"
+            (agree if (ours > 0) == (paper > 0) else disagree).append(text)
+        if agree:
+            out.append("Same direction of change against dense as the paper: " + "; ".join(agree)
+                       + ".")
+        if disagree:
+            out.append("Opposite direction of change against dense: " + "; ".join(disagree) + ".")
+    ranked = sorted((m, v) for v, m in mean.items() if m is not None and v in MAIN)
+    if len(ranked) >= 2:
+        best = ranked[-1][1]
+        paper_best = max((v for _m, v in ranked), key=PAPER.get)
+        out.append(f"Best trained average among the finished Table 1 models: "
+                   f"{VARIANTS[best]['label']} ({ranked[-1][0]:.1f} BLEU); among the same models "
+                   f"the paper's best is {VARIANTS[paper_best]['label']}.")
+    spreads = {v: stat([avg_value("trained", "bleu")(r) for r in g])[1] for v, g in groups.items()}
+    noisy = [(v, s) for v, s in spreads.items() if s is not None]
+    if noisy:
+        out.append("Seed noise (half the range of the trained average over two seeds): "
+                   + ", ".join(f"{VARIANTS[v]['label']} ±{s:.2f}" for v, s in noisy)
+                   + ". Differences between models smaller than this are not evidence.")
+    checks = [(name, pair, p) for name, r in results.items()
+              for pair, p in (r.get("pruned") or {}).items()]
+    if checks:
+        same = [c for c in checks if c[2]["identical_hypotheses"]]
+        equal = [(n, p) for n, p, x in checks if x["bleu"] == results[n]["directions"][p]["bleu"]]
+        text = (f"Pruning: {len(same)} of {len(checks)} pruned checkpoints produce hypotheses "
+                f"identical to the full model's; {len(equal)} of {len(checks)} have the same BLEU.")
+        bad = [f"`{n}` {p}" for n, p, x in checks if not x["identical_hypotheses"]]
+        if bad:
+            text += " Not identical: " + ", ".join(bad) + "."
+        out.append(text)
+    if zs.get("target_target") is not None and zs.get("lang_pair_lang_pair") is not None:
+        off = {v: stat([avg_value("zero_shot", "off_target")(r) for r in groups[v]])[0]
+               for v in ("target_target", "lang_pair_lang_pair")}
+        out.append(
+            f"Zero-shot: target / target averages {zs['target_target']:.1f} BLEU "
+            f"({fmt(off['target_target'], pct=True)} off-target), lang-pair / lang-pair "
+            f"{zs['lang_pair_lang_pair']:.1f} ({fmt(off['lang_pair_lang_pair'], pct=True)} "
+            "off-target). The paper reports lang-pair routing collapsing on unseen pairs and "
+            "target routing generalising; here target routing is "
+            + (f"ahead by {zs['target_target'] - zs['lang_pair_lang_pair']:.1f} BLEU, as in the "
+               "paper." if zs["target_target"] > zs["lang_pair_lang_pair"] else
+               f"not ahead ({zs['target_target'] - zs['lang_pair_lang_pair']:+.1f} BLEU), "
+               "unlike the paper."))
+    for r in groups.get("lang_pair_lang_pair", []):
+        by_policy = unseen_policies(r)
+        avgs = {p: stat([x["bleu"] for x in recs.values()])[0] for p, recs in by_policy.items()
+                if len(recs) == len(ZERO_SHOT)}
+        if len(avgs) >= 2:
+            out.append(f"Unseen-pair routing under lang-pair routing (seed {r['seed']}, zero-shot "
+                       "average BLEU): " + ", ".join(f"`{p}` {v:.1f}" for p, v in
+                                                    sorted(avgs.items())) + ".")
+    bal = [(mean[v], v) for v in BALANCE if mean.get(v) is not None]
+    if len(bal) >= 2:
+        best = max(bal)[1]
+        wt, scope = balance_settings(best)
+        out.append(f"Balance loss: among {len(bal)} finished settings, gate loss weight {wt} "
+                   f"over {scope} has the best trained average ({max(bal)[0]:.1f} BLEU); spread "
+                   f"across settings {max(bal)[0] - min(bal)[0]:.1f} BLEU.")
+    if not out:
+        out.append("No finished runs yet.")
+    return "## Reading\n\n" + "\n".join(f"- {s}" for s in out)
+
+
+def section_commands(results):
+    any_run = next(iter(results.values()))
+    lines = ["## Commands", "", "```bash",
+             f".venv/bin/python {any_run['commands']['study']}",
+             ".venv/bin/python scripts/study_report.py", "```", "",
+             "Data preparation and, per run, the exact training command:", "", "```bash",
+             any_run["commands"]["prepare"]]
+    for name, r in results.items():
+        lines += [f"# {name} (finished by: .venv/bin/python {r['commands']['study']})",
+                  r["commands"]["train"]]
+    lines += ["# evaluation, e.g. en-de (every direction alike; zero-shot ones too)",
+              any_run["commands"]["generate_example"], "```"]
+    return "\n".join(lines)
+
+
+def render(results, out_dir: Path) -> str:
+    head = ("# Routing quality study (Multi30k)\n\nGenerated by `scripts/study_report.py` from "
+            "`results/study/*.json` (written by `scripts/study.py`); do not edit by hand. The "
+            "paper is Kudugunta et al. 2021, \"Beyond Distillation: Task-level Mixture-of-Experts "
+            "for Efficient Inference\".")
+    if not results:
+        return "\n\n".join([
+            head, "No run has finished yet.", section_status(results),
+            "## Commands\n\n```bash\n.venv/bin/python scripts/study.py\n"
+            ".venv/bin/python scripts/study_report.py\n```"]) + "\n"
+    groups = by_variant(results)
+    parts = [head, section_setup(results), section_status(results), section_table1(groups),
+             section_reading(results, groups),
+             section_directions(groups, "bleu", "sacreBLEU per direction"),
+             section_directions(groups, "chrf", "chrF per direction"),
+             section_off_target(groups),
+             section_unseen(groups), section_params(groups), section_pruning(results),
+             section_balance(groups), section_heatmaps(results, out_dir),
+             section_commands(results)]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(REPO / "results" / "study"))
+    p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = load_results(Path(args.results))
+    with atomic_file(str(out), "w") as f:
+        f.write(render(results, out.parent))
+    print(f"wrote {out} ({len(results)} finished runs of {len(runs())})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""taskmoe-export: a pruned pair served without the plugin, by stock fairseq and by CTranslate2.
+
+One tiny task-MoE (target/target routing, top-2, trained through the real fairseq-train) is
+exported; the exports must translate like the pruned checkpoint under fairseq-generate with the
+plugin. Layer-level exactness for other routings and widths is checked in-process."""
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from conftest import build_task_and_model, first_batch
+from test_cli import BIN, generate, hypotheses, run, train
+from tiny_data import LANGS, PAIRS
+
+PAIR = "en-fr"
+STOCK_FLAGS = ["--task", "translation_multi_simple_epoch", "--langs", ",".join(LANGS),
+               "--lang-pairs", ",".join(PAIRS), "--encoder-langtok", "tgt", "--decoder-langtok"]
+# CTranslate2 scores a hypothesis without the log-probability of the forced target prefix
+# (`__fr__`), fairseq with it; both divide by the same length (prefix and </s> included). With
+# that constant c < 0 per sentence, hypotheses of lengths L1 != L2 can swap when their fairseq
+# scores are within |c| * |1/L1 - 1/L2|: a near-tie, rarer the surer the model is of the tag.
+# Its float32 kernels also round differently from PyTorch's. Measured: 0 flips of 24 here,
+# 3 of 1000 on Multi30k en-de (README); allow a handful.
+MAX_NEAR_TIE_FLIPS = 2
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A task-MoE (target/target, 4 experts, top-2) trained long enough to translate."""
+    save_dir = tmp_path_factory.mktemp("export-trained")
+    train(tiny_data, save_dir, [], updates=120)
+    return save_dir / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="module")
+def pruned(trained, tmp_path_factory):
+    """The checkpoint pruned for PAIR, experts merged (what taskmoe-prune writes)."""
+    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.pruning import prune_checkpoint
+
+    path = tmp_path_factory.mktemp("export-pruned") / f"{PAIR}.pt"
+    torch.save(prune_checkpoint(load_checkpoint(str(trained)), PAIR)[0], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_hyps(tiny_data, pruned):
+    """fairseq-generate's hypotheses with the pruned checkpoint and the plugin, beam 4."""
+    hyps = hypotheses(generate(tiny_data, pruned, pair=PAIR).stdout)
+    assert len(hyps) == 24 and sum(1 for _, h in hyps.values() if h) >= 20, \
+        "the model should really translate"
+    return hyps
+
+
+def export(*args):
+    """taskmoe-export in-process: (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    from fairseq_taskmoe.cli.export import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def load_weights_only(path):
+    """torch.load(weights_only=True) as stock fairseq does it: the plugin, once imported, allows
+    argparse.Namespace process-wide, so that allowance is lifted here."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+        return torch.load(path, map_location="cpu", weights_only=True)
+    finally:
+        torch.serialization.add_safe_globals(saved)
+
+
+def test_fairseq_export_gives_the_pruned_hypotheses_under_stock_fairseq_generate(
+        tiny_data, trained, pruned_hyps, tmp_path):
+    out = tmp_path / "en-fr.transformer.pt"
+    proc = run([BIN / "taskmoe-export", trained, "--lang-pair", PAIR, "--format", "fairseq",
+                "--output", out])
+    assert "zero-padded (exact)" in proc.stdout and f"wrote {out}" in proc.stdout
+    state = load_weights_only(out)
+    model_cfg = state["cfg"]["model"]
+    assert model_cfg["_name"] == model_cfg["arch"] == "transformer"
+    assert state["cfg"]["task"]["_name"] == "translation_multi_simple_epoch"
+    assert state["last_optimizer_state"] is None and state["cfg"]["common"]["user_dir"] is None
+    # dense layers (64) zero-padded to the merged top-2 FFN (2 x 64)
+    assert model_cfg["encoder_ffn_embed_dim"] == model_cfg["decoder_ffn_embed_dim"] == 128
+    assert state["taskmoe_export"]["ffn_dims"] == {"encoder": [64, 128], "decoder": [64, 128]}
+    assert not any("ffn" in k or "router" in k or "expert" in k for k in state["model"])
+    assert not state["model"]["encoder.layers.0.fc1.weight"][64:].any()
+
+    src, tgt = PAIR.split("-")
+    gen = run([BIN / "fairseq-generate", tiny_data, *STOCK_FLAGS, "--source-lang", src,
+               "--target-lang", tgt, "--gen-subset", "test", "--path", out, "--beam", "4",
+               "--max-tokens", "2000", "--cpu"])  # no --user-dir: stock fairseq only
+    stock = hypotheses(gen.stdout)
+    assert stock.keys() == pruned_hyps.keys()
+    for i in stock:
+        assert stock[i][1] == pruned_hyps[i][1]
+        assert stock[i][0] == pytest.approx(pruned_hyps[i][0], abs=1e-3)  # printed rounding
+
+
+def test_full_and_pruned_checkpoints_export_the_same_weights(trained, pruned, tmp_path):
+    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.export import extract_dense
+
+    a = extract_dense(load_checkpoint(str(trained)), PAIR)
+    b = extract_dense(load_checkpoint(str(pruned)), PAIR)
+    assert a.model.keys() == b.model.keys() and a.ffn_dims == b.ffn_dims
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+    assert a.served == b.served == ["*-fr"]  # target routing: any source into fr
+
+
+def test_ctranslate2_float32_gives_the_pruned_hypotheses(tiny_data, pruned, pruned_hyps,
+                                                          tmp_path):
+    pytest.importorskip("ctranslate2")
+    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.ct2 import load_ct2_translator
+    from fairseq_taskmoe.export import _converter_class, extract_dense
+
+    out = tmp_path / "en-fr.ct2"
+    code, err = export(pruned, "--lang-pair", PAIR, "--format", "ctranslate2", "--output", out,
+                       "--quantization", "float32", "--data", tiny_data)
+    assert code == 0, err
+    assert {"model.bin", "config.json", "taskmoe_export.json"} <= set(os.listdir(out))
+    # CTranslate2 computes with the true per-layer FFN widths (no padding)
+    spec = _converter_class()(extract_dense(load_checkpoint(str(pruned)), PAIR), tiny_data)._load()
+    for side in (spec.encoder, spec.decoder):
+        assert [layer.ffn.linear_0.weight.shape[0] for layer in side.layer] == [64, 128]
+        assert [layer.ffn.linear_1.weight.shape[1] for layer in side.layer] == [64, 128]
+
+    mt = load_ct2_translator(out, intra_threads=1)
+    assert mt.convention["source_prefix"] == mt.convention["target_prefix"] == ["__fr__"]
+    source = (tiny_data.parent / "text" / "test.en").read_text().splitlines()
+    ct2 = mt.translate(source, beam=4, max_batch_size=8)  # raw text API, several batches
+    assert len(ct2) == len(pruned_hyps) == 24
+    flips = [i for i, hyp in enumerate(ct2) if hyp != pruned_hyps[i][1]]
+    assert len(flips) <= MAX_NEAR_TIE_FLIPS, [(ct2[i], pruned_hyps[i][1]) for i in flips]
+    assert mt.translate(source[0], beam=4) == ct2[0]  # one string in, one string out
+
+
+def test_ctranslate2_int8_export_translates(tiny_data, pruned, pruned_hyps, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from fairseq_taskmoe.ct2 import load_ct2_translator
+
+    out = tmp_path / "en-fr.int8.ct2"
+    code, err = export(pruned, "--lang-pair", PAIR, "--format", "ctranslate2", "--output", out,
+                       "--quantization", "int8", "--data", tiny_data)
+    assert code == 0, err
+    source = (tiny_data.parent / "text" / "test.en").read_text().splitlines()
+    hyps = load_ct2_translator(out, intra_threads=1).translate(source, beam=4)
+    same = sum(h == pruned_hyps[i][1] for i, h in enumerate(hyps))
+    assert same >= 18, hyps  # int8 weights: near, not identical (BLEU on real data: README)
+
+
+def checkpoint_of(args, model):
+    return {"cfg": {"model": argparse.Namespace(**vars(args)),
+                    "task": argparse.Namespace(**vars(args))},
+            "model": model.state_dict(), "optimizer_history": [{"num_updates": 0}],
+            "extra_state": {}, "last_optimizer_state": None}
+
+
+@pytest.mark.parametrize("routing,extra,widths", [
+    (("target", "target"), ["--moe-top-k", "2"], [64, 128]),
+    (("lang_pair", "target"), ["--moe-top-k", "1"], [64, 64]),
+    (("target", "lang_pair"), ["--moe-expert-ffn-dim", "32"], [64, 64]),
+])
+def test_stock_transformer_computes_what_the_task_moe_computes(tiny_data, tmp_path, routing,
+                                                                extra, widths):
+    """Decoder outputs of the exported stock model = the task-MoE's, for the exported pair."""
+    from fairseq import checkpoint_utils, tasks
+
+    from fairseq_taskmoe.export import extract_dense, to_fairseq_transformer
+
+    args, task, model = build_task_and_model(
+        tiny_data, ["--encoder-moe-routing", routing[0], "--decoder-moe-routing", routing[1],
+                    *extra])
+    model.eval()
+    dense = extract_dense(checkpoint_of(args, model), PAIR)
+    assert dense.ffn_dims == {"encoder": widths, "decoder": widths}
+    path = tmp_path / "stock.pt"
+    torch.save(to_fairseq_transformer(dense), path)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))  # fairseq's loader, stock path
+    stock_task = tasks.setup_task(state["cfg"].task)
+    stock = stock_task.build_model(state["cfg"].model)
+    stock.load_state_dict(state["model"], strict=True, model_cfg=state["cfg"].model)
+    assert type(stock).__name__ == "TransformerModel"
+
+    batch = first_batch(task, max_tokens=10000)["net_input"]
+    src, tgt = (LANGS.index(lang) for lang in PAIR.split("-"))
+    rows = (batch["src_lang_idx"] == src) & (batch["tgt_lang_idx"] == tgt)
+    net = {k: v[rows] for k, v in batch.items()}
+    with torch.no_grad():
+        want = model(**net)[0]  # [B, T, V]
+        got = stock.eval()(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"])[0]
+    real = net["prev_output_tokens"].ne(task.target_dictionary.pad())  # [B, T]
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def _fails(args, message, code=2):
+    got, err = export(*args)
+    assert got == code, err
+    assert message in err, err
+    return err
+
+
+def test_refusals_name_the_problem_and_write_nothing(tiny_data, trained, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.pruning import prune_checkpoint
+
+    out = tmp_path / "out.pt"
+    # token/target: the encoder MoE stays whole (routes per token), full or pruned
+    args, _, model = build_task_and_model(tiny_data, ["--encoder-moe-routing", "token"])
+    token = checkpoint_of(args, model)
+    torch.save(token, tmp_path / "token.pt")
+    err = _fails([tmp_path / "token.pt", "--lang-pair", PAIR, "--format", "fairseq", "-o", out],
+                 "encoder.layers.1 (token-routed)")
+    assert "keeps its encoder MoE whole" in err and "decoder.layers" not in err
+    torch.save(prune_checkpoint(token, PAIR)[0], tmp_path / "token.pruned.pt")
+    _fails([tmp_path / "token.pruned.pt", "--lang-pair", PAIR, "--format", "fairseq", "-o", out],
+           "encoder.layers.1 (token-routed)")
+    # pruned without merging: k FFNs per task
+    state = load_checkpoint(str(trained))
+    torch.save(prune_checkpoint(state, PAIR, merge=False)[0], tmp_path / "unmerged.pt")
+    _fails([tmp_path / "unmerged.pt", "--lang-pair", PAIR, "--format", "fairseq", "-o", out],
+           "encoder.layers.1, decoder.layers.1 were pruned without merging")
+    # a pair the pruned checkpoint does not serve; bad pairs
+    torch.save(prune_checkpoint(state, PAIR)[0], tmp_path / "fr.pt")
+    _fails([tmp_path / "fr.pt", "--lang-pair", "en-de", "--format", "fairseq", "-o", out],
+           "serves only *-fr, not en-de")
+    _fails([trained, "--lang-pair", "en-xx", "--format", "fairseq", "-o", out],
+           "unknown language 'xx'")
+    _fails([trained, "--lang-pair", "en-de,en-fr", "--format", "fairseq", "-o", out],
+           "takes one pair")
+    _fails([tmp_path / "missing.pt", "--lang-pair", PAIR, "--format", "fairseq", "-o", out],
+           "does not exist")
+    assert not out.exists()
+    # CTranslate2 without dictionaries fails before writing: no folder, no temporary left
+    ct2 = tmp_path / "model.ct2"
+    _fails([trained, "--lang-pair", PAIR, "--format", "ctranslate2", "-o", ct2, "--data",
+            tmp_path], "has no dict.en.txt")
+    assert not ct2.exists()
+    # an existing output is kept unless --force
+    out.write_bytes(b"keep me")
+    _fails([trained, "--lang-pair", PAIR, "--format", "fairseq", "-o", out], "pass --force")
+    assert out.read_bytes() == b"keep me"
+    assert export(trained, "--lang-pair", PAIR, "--format", "fairseq", "-o", out, "--force")[0] == 0
+    assert load_weights_only(out)["cfg"]["model"]["arch"] == "transformer"
+    ct2.mkdir()
+    (ct2 / "old").write_text("x")
+    _fails([trained, "--lang-pair", PAIR, "--format", "ctranslate2", "-o", ct2, "--data",
+            tiny_data], "pass --force")
+    assert export(trained, "--lang-pair", PAIR, "--format", "ctranslate2", "-o", ct2, "--data",
+                  tiny_data, "--force")[0] == 0
+    assert not (ct2 / "old").exists() and (ct2 / "model.bin").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "no temporary file or folder left behind"

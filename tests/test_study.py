@@ -1,0 +1,232 @@
+"""The study runner's and report's pure parts (no training): scripts/study.py,
+scripts/study_report.py and fairseq_taskmoe/params.py."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+
+import study  # noqa: E402
+import study_report  # noqa: E402
+from fairseq_taskmoe.params import active_parameters, expert_units  # noqa: E402
+
+
+# ---------------------------------------------------------------- active parameters
+
+
+def _expert(d=4, f=6):
+    return {"fc1.weight": torch.zeros(f, d), "fc1.bias": torch.zeros(f),
+            "fc2.weight": torch.zeros(d, f), "fc2.bias": torch.zeros(d)}
+
+
+def _state(units_per_layer, shared=100):
+    state = {"encoder.embed_tokens.weight": torch.zeros(shared)}
+    for layer, units in units_per_layer.items():
+        for u, unit in enumerate(units):
+            for k, v in unit.items():
+                state[f"{layer}.ffn.experts.experts.{u}.{k}"] = v
+        state[f"{layer}.ffn.router.wg.weight"] = torch.zeros(len(units), 4)
+    return state
+
+
+def test_active_parameters_subtracts_idle_experts():
+    per_expert = 6 * 4 + 6 + 4 * 6 + 4  # 58
+    state = _state({"encoder.layers.1": [_expert() for _ in range(8)],
+                    "decoder.layers.1": [_expert() for _ in range(8)]})
+    total = 100 + 2 * (8 * per_expert + 8 * 4)
+    assert expert_units(state) == {f"{s}.layers.1.ffn": {u: per_expert for u in range(8)}
+                                   for s in ("encoder", "decoder")}
+    assert active_parameters(state, top_k=2) == total - 2 * 6 * per_expert
+
+
+def test_active_parameters_of_pruned_and_dense_models_is_their_total():
+    merged = _state({"decoder.layers.1": [_expert(f=12)]})  # one merged FFN (k=2 experts)
+    unmerged = _state({"decoder.layers.1": [_expert(), _expert()]})
+    dense = {"encoder.layers.0.fc1.weight": torch.zeros(6, 4)}
+    for state in (merged, unmerged, dense):
+        assert active_parameters(state, top_k=2) == sum(v.numel() for v in state.values())
+
+
+# ---------------------------------------------------------------- runner
+
+
+def test_runs_and_selection():
+    names = [r[0] for r in study.runs()]
+    assert len(names) == 12 and len(set(names)) == 12
+    for v in ("dense", "token_token", "token_target"):
+        assert f"{v}-s1" in names and f"{v}-s2" in names
+    args = study.parse_args(["--only", "dense,token_target-s2"])
+    assert [r[0] for r in args.selected] == ["dense-s1", "dense-s2", "token_target-s2"]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--only", "nonsense"])
+    with pytest.raises(SystemExit):
+        study.parse_args(["--directions", "en-xx"])
+
+
+def test_train_command_shares_the_backbone(tmp_path):
+    cmd = [str(c) for c in study.train_command(tmp_path, "token_target", 2, tmp_path / "ck", 300)]
+    joined = " ".join(cmd)
+    for flag, value in study.SHARED_FLAGS.items():
+        assert flag in cmd and (value is None or cmd[cmd.index(flag) + 1] == str(value))
+    assert "--encoder-moe-routing token --decoder-moe-routing target" in joined
+    assert "--max-update 300" in joined and "--seed 2" in joined
+    assert "--lang-pairs en-de,de-en,en-fr,fr-en,en-cs,cs-en" in joined
+    dense = [str(c) for c in study.train_command(tmp_path, "dense", 1, tmp_path, 10)]
+    assert dense[dense.index("--moe-freq") + 1] == "0"
+
+
+def test_skip_finished_runs_without_touching_data(tmp_path, capsys):
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    (results / "dense-s1.json").write_text(json.dumps(fake_result("dense-s1", "dense", 1)))
+    args = ["--work", str(work), "--results", str(results)]
+    assert study.main(["--only", "dense-s1", *args]) == 0
+    assert "exists, skipped" in capsys.readouterr().out
+    assert not work.exists()  # no data preparation, no training
+    study.main(["--list", "--only", "dense", *args])
+    listed = capsys.readouterr().out
+    assert "dense-s1" in listed and "done" in listed and "not started" in listed
+
+
+def test_run_state_follows_the_files(tmp_path):
+    args = study.parse_args(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")])
+    run_dir = tmp_path / "w" / "runs" / "dense-s1"
+    assert study.run_state(args, "dense-s1")[0] == "not started"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text("x | train_inner | num_updates=25, y\nnum_updates=50,\n")
+    assert study.run_state(args, "dense-s1")[0] == ("training started (last logged update 50, "
+                                                    "last checkpoint at update 0)")
+    (run_dir / "train.done.json").write_text(json.dumps({"num_updates": 2000}))
+    assert study.run_state(args, "dense-s1")[0].startswith("trained (2000 updates)")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "dense-s1.json").write_text("{}")
+    assert study.run_state(args, "dense-s1")[0] == "done"
+
+
+def test_parse_prune_log():
+    text = ("serves: *-de\n"
+            "  encoder.layers.1   target    pruned 8 -> 1 FFN (dim 1024) merged (one route)"
+            "   de: e3*0.612 e5*0.388\n"
+            "  decoder.layers.1   token     kept whole (8 experts: routing depends on the input)\n"
+            "parameters: 10 -> 5 (50.0%)\n")
+    assert study.parse_prune_log(text) == {"encoder.layers.1": [[3, 0.612], [5, 0.388]]}
+
+
+# ---------------------------------------------------------------- report
+
+
+def fake_result(name, variant, seed, base=20.0, heatmap=None):
+    """A results JSON shaped like study.evaluate()'s, with made-up scores."""
+    directions = {}
+    for i, pair in enumerate(study.DIRECTIONS):
+        zero = pair in study.ZERO_SHOT
+        directions[pair] = {"zero_shot": zero, "bleu": base + i / 10 - (8 if zero else 0),
+                            "chrf": 40.0 + i, "on_target": 0.9, "off_target": 0.1 if zero else 0,
+                            "undetected": 0.0, "tokens_per_s": 100.0}
+    spec = study.VARIANTS[variant]
+    routing = spec["routing"]
+    task_routed = bool(routing and set(routing) & study.TASK_ROUTING)
+    pruned = {p: {"bleu": directions[p]["bleu"], "chrf": 1.0, "on_target": 1.0,
+                  "off_target": 0.0, "undetected": 0.0, "identical_hypotheses": True,
+                  "bytes": 12_000_000, "params": 5_000_000, "params_active_per_token": 5_000_000,
+                  "tokens_per_s": 1.0, "kept_experts": {"encoder.layers.1": [[1, 0.6], [2, 0.4]]}}
+              for p in study.TRAINED} if task_routed else {}
+
+    def avg(names, key):
+        return sum(directions[d][key] for d in names) / len(names)
+
+    return {
+        "run": name, "variant": variant, "label": spec["label"], "seed": seed,
+        "routing": {"encoder": routing[0], "decoder": routing[1]} if routing else None,
+        "task_routed": task_routed,
+        "config": {"shared_flags": study.SHARED_FLAGS, "variant_flags": spec["flags"]},
+        "budget": {"max_update": 2000, "updates_done": 2000, "max_tokens": 4096,
+                   "updates_x_max_tokens": 2000 * 4096},
+        "data": {"train_lines_per_direction": "all (29,000)", "trained_directions": study.TRAINED,
+                 "zero_shot_directions": study.ZERO_SHOT, "test_set": "test_2016_flickr",
+                 "evaluated_directions": study.DIRECTIONS},
+        "commands": {"study": "scripts/study.py", "prepare": "prepare_multi30k.py --out X",
+                     "train": f"fairseq-train X --seed {seed}",
+                     "generate_example": "fairseq-generate X",
+                     "generate_max_len_b": None},
+        "wall_seconds": {"training": 1500.0, "evaluation": 600.0, "evaluation_steps": {}},
+        "params": {"total": 9_000_000, "active_per_token": 5_000_000, "active_how": "test"},
+        "checkpoint_bytes": 100_000_000,
+        "signatures": {"bleu": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
+                       "chrf": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"},
+        "langid": {"method": "stop words", "accuracy_on_test_references": {
+            lang: {"on_target": 0.99, "off_target": 0.0, "undetected": 0.01}
+            for lang in study.LANGS}},
+        "directions": directions,
+        "averages": {"trained": {k: avg(study.TRAINED, k) for k in ("bleu", "chrf")},
+                     "zero_shot": {k: avg(study.ZERO_SHOT, k)
+                                   for k in ("bleu", "chrf", "off_target")}},
+        "pruned": pruned, "unseen_pairs": {}, "heatmap": heatmap, "routing_usage_valid": None,
+    }
+
+
+def test_report_from_two_runs(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    png = tmp_path / "img" / "target_target-s1.png"
+    png.parent.mkdir()
+    png.write_bytes(b"png")
+    (results / "dense-s1.json").write_text(json.dumps(fake_result("dense-s1", "dense", 1)))
+    (results / "target_target-s1.json").write_text(json.dumps(
+        fake_result("target_target-s1", "target_target", 1, base=21.0, heatmap=str(png))))
+    out = tmp_path / "docs" / "results.md"
+    assert study_report.main(["--results", str(results), "--out", str(out)]) == 0
+    md = out.read_text()
+    # dense trained avg = 20 + mean(0..5)/10 = 20.25; target/target 21.25; Δ +1.0
+    assert "| dense | 20.0 | +0.0 | 20.2 | +0.0 |" in md
+    assert "| target / target | 22.9 | +2.9 | 21.2 | +1.0 |" in md
+    assert "| token / target | 23.6 | +3.6 | not yet run |" in md
+    assert "not yet run" in md and "`token_token-s2`" in md
+    assert "target / target +1.0 (paper +2.9)" in md  # the reading, from the data
+    assert "6 of 6 pruned checkpoints produce hypotheses identical" in md
+    assert "![target_target-s1](../img/target_target-s1.png)" in md
+    assert "fairseq-train X --seed 1" in md
+    for absent in ("None", "nan", "{", "TODO"):
+        assert absent not in md.replace("{'", ""), absent
+
+
+def test_report_mean_and_spread_over_seeds(tmp_path):
+    results = {"dense-s1": fake_result("dense-s1", "dense", 1, base=20.0),
+               "dense-s2": fake_result("dense-s2", "dense", 2, base=21.0)}
+    md = study_report.render(results, tmp_path)
+    assert "20.8 ± 0.5" in md  # trained averages 20.25 and 21.25
+    assert "dense ±0.50" in md
+    empty = study_report.render({}, tmp_path)
+    assert "No run has finished yet." in empty and empty.count("not yet run") == 12
+
+
+def test_report_unseen_pair_policies(tmp_path):
+    r = fake_result("lang_pair_lang_pair-s1", "lang_pair_lang_pair", 1)
+    zero = {p: r["directions"][p] for p in study.ZERO_SHOT}
+    own = {p: dict(v, bleu=v["bleu"] - 5, off_target=0.5) for p, v in zero.items()}
+    r["unseen_pairs"] = {"option": "moe_unseen_pairs", "checkpoint_default": "target_mean",
+                         "override": "--model-overrides X",
+                         "directions": {"target_mean": zero, "own_row": own}}
+    md = study_report.render({r["run"]: r}, tmp_path)
+    assert "| direction | BLEU own_row | BLEU target_mean | off-target own_row |" in md
+    assert "| de-fr (seed 1) | 7.6 | 12.6 | 50.0% | 10.0% |" in md  # 20 + 0.6 - 8 = 12.6
+    assert "`own_row` 7.9, `target_mean` 12.8" in md  # zero-shot averages 12.85 - 5, 12.85
+    r["unseen_pairs"] = {"skipped": "skipped: no option"}
+    assert "- seed 1: skipped: no option." in study_report.render({r["run"]: r}, tmp_path)
+
+
+def test_heatmap_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import routing_heatmap
+
+    usage = {"dec1": {"en-de": [0.5, 0.5, 0.0, 0.0], "en-fr": [0.0, 0.25, 0.25, 0.5]},
+             "enc1": {"en-de": [1.0, 0.0, 0.0, 0.0], "en-fr": [0.0, 0.0, 0.5, 0.5]}}
+    out = tmp_path / "h.png"
+    routing_heatmap.draw(usage, out, title="test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        routing_heatmap.draw({}, tmp_path / "dense.png")
