@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make demo`: the whole job on real data, on a CPU, in about 15 minutes.
+"""`make demo`: the whole job on real data, on a CPU, in about 30 minutes.
 
   1. prepare Multi30k en/de/fr/cs (SentencePiece + fairseq-preprocess)  scripts/prepare_multi30k.py
   2. train a task-MoE (target routing, 8 experts) with fairseq-train, showing progress
@@ -36,8 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LANGS = "en,de,fr,cs"
 PAIRS = ["en-de", "de-en", "en-fr", "fr-en", "en-cs", "cs-en"]
-DEFAULT_UPDATES = 3000
-DEFAULT_MINUTES = 10.0
+# The study's recipe (scripts/study.py): its dense run passed from fluent-but-unrelated output
+# (loss ~6 at 450 updates) to 27.4 average BLEU at 1,000 updates (26m41s of training here).
+DEFAULT_UPDATES = 1000
+DEFAULT_MINUTES = 0.0
 EXAMPLES = [0, 9, 21]  # test sentences shown next to the BLEU table
 DEMO_MODEL = [
     "--arch", "task_moe", "--encoder-layers", 3, "--decoder-layers", 3,
@@ -50,8 +52,8 @@ DEMO_MODEL = [
 DEMO_TRAINING = [
     "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", 0.1,
     "--moe-gate-loss-wt", 0.01, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-    "--lr", 0.002, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 200,
-    "--dropout", 0.1, "--max-tokens", 2048,
+    "--lr", 0.002, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 400,
+    "--dropout", 0.1, "--max-tokens", 4096,
 ]
 
 
