@@ -118,14 +118,17 @@ class MoELayer(nn.Module):
     def _stats(self, decision, plan, routed, task_ids) -> MoEStats:
         E = len(self.experts)
         counts_by_pair = None
-        rows = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]  # [N]
+        by_task = self.balance_scope == "tasks" and self.kind in TASK_ROUTING_KINDS
+        rows = None  # [N] the batch row of every routed token, when something needs it
+        if by_task or (task_ids is not None and task_ids.complete):
+            rows = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]
         if task_ids is not None and task_ids.complete:
             P = task_ids.num_langs ** 2
             pair = task_ids.for_routing("lang_pair")[rows][plan.token_index]  # [A]
             expert = torch.repeat_interleave(
                 torch.arange(E, device=routed.device), plan.expert_counts)  # [A]
             counts_by_pair = torch.bincount(pair * E + expert, minlength=P * E).view(P, E)
-        if self.balance_scope == "tasks" and self.kind in TASK_ROUTING_KINDS:
+        if by_task:
             balance = task_balancing_loss(decision, task_ids.for_routing(self.kind)[rows], E)
         else:
             balance = load_balancing_loss(decision, E)

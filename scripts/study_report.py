@@ -176,24 +176,33 @@ def section_table1(groups):
                  "seeds"], rows))
 
 
+def variant_rows(groups, width, cells):
+    """One table row per model variant: its label (with the seed count) and cells(runs), or
+    "not yet run" padded to `width` columns when it has no finished run."""
+    rows = []
+    for v in VARIANTS:
+        g = groups.get(v, [])
+        if not g:
+            rows.append([VARIANTS[v]["label"], "not yet run"] + [""] * (width - 2))
+        else:
+            label = VARIANTS[v]["label"] + (f" ({len(g)} seeds)" if len(g) > 1 else "")
+            rows.append([label, *cells(g)])
+    return rows
+
+
 def section_directions(groups, key, title, digits=1, pct=False, pairs=DIRECTIONS,
                        averages=True):
     header = ["model", *pairs]
     if averages:
         header += ["trained avg", "zero-shot avg"]
-    rows = []
-    for v in VARIANTS:
-        g = groups.get(v, [])
-        if not g:
-            rows.append([VARIANTS[v]["label"], "not yet run"] + [""] * (len(header) - 2))
-            continue
-        row = [VARIANTS[v]["label"] + (f" ({len(g)} seeds)" if len(g) > 1 else "")]
-        row += [cell(g, direction_value(key, p), digits, pct) for p in pairs]
+    def cells(g):
+        row = [cell(g, direction_value(key, p), digits, pct) for p in pairs]
         if averages:
             row += [cell(g, avg_value("trained", key), digits, pct),
                     cell(g, avg_value("zero_shot", key), digits, pct)]
-        rows.append(row)
-    return f"## {title}\n\n" + table(header, rows)
+        return row
+
+    return f"## {title}\n\n" + table(header, variant_rows(groups, len(header), cells))
 
 
 def unseen_policies(r):
@@ -210,16 +219,9 @@ def section_off_target(groups):
             return None if None in vals else sum(vals) / len(vals)
         return get
 
-    rows = []
-    for v in VARIANTS:
-        g = groups.get(v, [])
-        if not g:
-            rows.append([VARIANTS[v]["label"], "not yet run"] + [""] * (len(header) - 2))
-            continue
-        rows.append([VARIANTS[v]["label"] + (f" ({len(g)} seeds)" if len(g) > 1 else ""),
-                     *[cell(g, direction_value("off_target", p), pct=True) for p in ZERO_SHOT],
-                     cell(g, zs_mean("off_target"), pct=True),
-                     cell(g, zs_mean("undetected"), pct=True)])
+    rows = variant_rows(groups, len(header), lambda g: [
+        *[cell(g, direction_value("off_target", p), pct=True) for p in ZERO_SHOT],
+        cell(g, zs_mean("off_target"), pct=True), cell(g, zs_mean("undetected"), pct=True)])
     return ("## Off-target rate, zero-shot directions\n\nShare of hypotheses detected as a "
             "language other than the target; \"undetected\" hypotheses (no stop word or "
             "language-specific letter, or a tie) are counted apart.\n\n" + table(header, rows))

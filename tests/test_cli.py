@@ -18,8 +18,8 @@ BIN = Path(sys.executable).parent
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
-def run(cmd, check=True, **kwargs):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV,
+def run(cmd, check=True, env=ENV, **kwargs):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env,
                           cwd=REPO, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

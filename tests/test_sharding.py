@@ -171,7 +171,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from conftest import TASK_FLAGS  # noqa: E402
-from test_cli import hypotheses  # noqa: E402  (fairseq-generate output parsing)
+from test_cli import hypotheses, run as cli_run  # noqa: E402
 
 from fairseq_taskmoe.cli.consolidate import main as consolidate_main  # noqa: E402
 from fairseq_taskmoe.cli.prune import main as prune_main  # noqa: E402
@@ -182,11 +182,7 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # 1 thread
 
 
 def run(cmd, check=True, **kwargs):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV,
-                          cwd=REPO, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+    return cli_run(cmd, check, env=ENV, **kwargs)
 
 
 def train(data, save_dir, world_size, updates, *extra, check=True):
