@@ -43,15 +43,16 @@ def make_plan(expert_indices: Tensor, num_experts: int, capacity: Optional[int] 
     experts = expert_indices.t().reshape(-1)  # [K*N]
     tokens = torch.arange(N, device=experts.device).repeat(K)  # [K*N]
     slots = torch.arange(K, device=experts.device).repeat_interleave(N)  # [K*N]
+    order = torch.sort(experts, stable=True).indices  # stable: k-major order kept in a group
+    counts = torch.bincount(experts, minlength=num_experts)  # [E]
     dropped = experts.new_zeros(())
     if capacity is not None:
-        one_hot = torch.nn.functional.one_hot(experts, num_experts)  # [K*N, E]
-        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank within its expert
-        keep = position < capacity
+        # rank of each sorted assignment within its expert's group, from the group starts
+        starts = counts.cumsum(0) - counts  # [E]
+        rank = torch.arange(order.numel(), device=experts.device) - starts[experts[order]]
+        keep = rank < capacity
         dropped = (~keep).sum()
-        experts, tokens, slots = experts[keep], tokens[keep], slots[keep]
-    order = torch.sort(experts, stable=True).indices  # stable: token order kept inside a group
-    counts = torch.bincount(experts, minlength=num_experts)
+        order, counts = order[keep], counts.clamp(max=capacity)
     return DispatchPlan(tokens[order], slots[order], counts, dropped)
 
 

@@ -3,10 +3,11 @@
 Axis legend: A grouped tokens, C channels, F FFN inner dim.
 """
 
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -22,6 +23,32 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
+
+    def params(self) -> Dict[str, Tensor]:
+        """The weights under their state-dict names (fc1.weight, ...), as merge_ffns takes them."""
+        return {"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias,
+                "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias}
+
+    def apply_params(self, x: Tensor, params: Dict[str, Tensor]) -> Tensor:
+        """This FFN's computation with other weights (a merged FFN of any inner dim)."""
+        hidden = self.activation(F.linear(x, params["fc1.weight"], params["fc1.bias"]))
+        return F.linear(self.activation_dropout(hidden), params["fc2.weight"], params["fc2.bias"])
+
+
+def merge_ffns(units: Sequence[Dict[str, Tensor]], weights: Sequence[float]) -> Dict[str, Tensor]:
+    """One FFN equal to sum_k w_k * FFN_k, exactly (the activation is element-wise):
+    fc1 = [W1_a; W1_b], b1 = [b1_a; b1_b], fc2 = [w_a*W2_a | w_b*W2_b], b2 = w_a*b2_a + w_b*b2_b.
+    The scaled sums are computed in fp64 and cast back. Used by taskmoe-prune and by the eval-time
+    merged FFNs of a full model (task_merge.py), so both hold bit-identical weights."""
+    dtype = units[0]["fc1.weight"].dtype
+    w = [torch.tensor(float(g), dtype=torch.float64) for g in weights]
+    return {
+        "fc1.weight": torch.cat([u["fc1.weight"] for u in units], 0),
+        "fc1.bias": torch.cat([u["fc1.bias"] for u in units], 0),
+        "fc2.weight": torch.cat([g * u["fc2.weight"].double() for g, u in zip(w, units)],
+                                1).to(dtype),
+        "fc2.bias": sum(g * u["fc2.bias"].double() for g, u in zip(w, units)).to(dtype),
+    }
 
 
 class ExpertFFNs(nn.Module):

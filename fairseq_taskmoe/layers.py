@@ -40,7 +40,8 @@ def build_ffn(cfg: TransformerConfig, moe: MoEConfig, side: str, index: int) -> 
     pruned = layout.get("layers", {}).get(f"{side}.layers.{index}")
     if pruned is not None:  # written by taskmoe-prune
         router = FrozenTaskRouting(kind, num_task_ids(kind, len(moe.langs)), pruned["slots"],
-                                   served=", ".join(layout["served_pairs"]))
+                                   served=", ".join(layout["served_pairs"]),
+                                   merged=pruned.get("merged", False))
         ffn_dims = pruned["ffn_dims"]
     else:
         router = build_router(kind, embed_dim, moe.moe_expert_count, moe.moe_top_k,

@@ -14,7 +14,9 @@ from torch import Tensor
 from . import dispatch as D
 from .experts import ExpertFFNs
 from .losses import load_balancing_loss, router_z_loss, task_balancing_loss
-from .routing import TASK_ROUTING_KINDS, FrozenTaskRouting, RoutingDecision, TaskIds
+from .routing import (TASK_ROUTING_KINDS, FrozenTaskRouting, RoutingDecision, TaskGate, TaskIds,
+                      _task_ids_or_fail)
+from .task_merge import MergedTaskFFNs
 
 
 @dataclass
@@ -40,6 +42,10 @@ class MoELayer(nn.Module):
 
     capacity_factor applies to token routing in training only; eval_capacity_factor (None:
     dropless) to token routing in eval. Task and sentence routing are always dropless.
+
+    Inference (eval mode, no autograd) of a task-routed layer runs each task's k experts merged
+    into one FFN (task_merge.py), as the pruned model does; the decision is still computed when
+    statistics are wanted (full forward passes), and costs no dispatch.
     """
 
     def __init__(self, router: nn.Module, experts: ExpertFFNs, capacity_factor: Optional[float],
@@ -50,6 +56,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.balance_scope = balance_scope  # "tokens" or "tasks" (task-routed layers only)
+        self.merged = MergedTaskFFNs() if isinstance(router, TaskGate) else None
 
     @property
     def kind(self) -> str:
@@ -78,12 +85,11 @@ class MoELayer(nn.Module):
         if frozen and self.router.single_ffn(len(self.experts)):
             return self._single_ffn(x, pad_mask, task_ids, incremental_state)
         T, B, C = x.shape
-        if pad_mask is None:
-            routed = torch.ones(T, B, dtype=torch.bool, device=x.device)
-            tokens = x.reshape(T * B, C)  # same row order as x[routed]
-        else:
-            routed = ~pad_mask.t()  # [T, B]
-            tokens = x[routed]  # [N, C]
+        routed = (torch.ones(T, B, dtype=torch.bool, device=x.device) if pad_mask is None
+                  else ~pad_mask.t())  # [T, B]
+        if self._merged_inference():
+            return self._merged_tasks(x, routed, pad_mask, task_ids, incremental_state)
+        tokens = x.reshape(T * B, C) if pad_mask is None else x[routed]  # [N, C], same order
         decision = self.router(x, routed, task_ids=task_ids, incremental_state=incremental_state)
         plan = D.make_plan(decision.expert_indices, len(self.experts), self._capacity(decision))
         expert_out = self.experts(D.dispatch(tokens, plan), plan.group_sizes())  # [A, C]
@@ -91,11 +97,26 @@ class MoELayer(nn.Module):
         if pad_mask is None:
             out = combined.view(T, B, C)
         else:
-            out = x.new_zeros(x.shape)
+            out = combined.new_zeros(T, B, C)  # combined's dtype: bf16 under CPU autocast
             out[routed] = combined
         if incremental_state is not None:
             return out, None
         return out, self._stats(decision, plan, routed, task_ids)
+
+    def _merged_inference(self) -> bool:
+        return (self.merged is not None and not self.training and not torch.is_grad_enabled()
+                and type(self.experts) is ExpertFFNs)  # not sharded: every expert is here
+
+    def _merged_tasks(self, x, routed, pad_mask, task_ids, incremental_state):
+        """Inference of a task-routed layer: each row through its task's merged FFN."""
+        task_of_row = _task_ids_or_fail(task_ids, "task-routed MoE layer").for_routing(self.kind)
+        out = self.merged.forward(self.router, self.experts, x, task_of_row)
+        if pad_mask is not None:  # as in the general path, pads get a zero FFN output
+            out = out.masked_fill(pad_mask.t().unsqueeze(-1), 0.0)
+        if incremental_state is not None:
+            return out, None
+        decision = self.router(x, routed, task_ids=task_ids)
+        return out, self._stats(decision, None, routed, task_ids)
 
     def _single_ffn(self, x, pad_mask, task_ids, incremental_state):
         """A pruned layer with one FFN and one slot: the FFN on every position, scaled per row by
@@ -103,8 +124,9 @@ class MoELayer(nn.Module):
         expert output by its weight; merged experts have weight 1, an unmerged top-1 expert its
         gate probability)."""
         ids, _ = self.router.check_served(task_ids)  # [B]
-        weight = self.router.slot_weights[ids, 0].to(x.dtype)  # [B]
-        out = self.experts.experts[0](x) * weight.view(1, -1, 1)
+        out = self.experts.experts[0](x)
+        if not self.router.merged:  # merged: the weights are inside the FFN, every slot's is 1
+            out = out * self.router.slot_weights[ids, 0].to(out.dtype).view(1, -1, 1)
         if pad_mask is not None:  # as in the general path, pads get a zero FFN output
             out = out.masked_fill(pad_mask.t().unsqueeze(-1), 0.0)
         if incremental_state is not None:
@@ -115,8 +137,19 @@ class MoELayer(nn.Module):
                              dropped=torch.zeros((), dtype=torch.long, device=x.device),
                              assignments=routed)
 
-    def _stats(self, decision, plan, routed, task_ids) -> MoEStats:
+    def _stats(self, decision, plan: Optional[D.DispatchPlan], routed, task_ids) -> MoEStats:
+        """plan None: every assignment of the decision was kept (dropless, undispatched)."""
         E = len(self.experts)
+        if plan is None:
+            N, K = decision.expert_indices.shape
+            experts = decision.expert_indices.reshape(-1)  # [A], token-major
+            token_index = torch.arange(N, device=experts.device).repeat_interleave(K)  # [A]
+            expert_counts = torch.bincount(experts, minlength=E)
+            dropped = experts.new_zeros(())
+        else:
+            token_index, expert_counts, dropped = plan.token_index, plan.expert_counts, plan.dropped
+            experts = torch.repeat_interleave(
+                torch.arange(E, device=routed.device), plan.expert_counts)  # [A]
         counts_by_pair = None
         by_task = self.balance_scope == "tasks" and self.kind in TASK_ROUTING_KINDS
         rows = None  # [N] the batch row of every routed token, when something needs it
@@ -124,10 +157,8 @@ class MoELayer(nn.Module):
             rows = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]
         if task_ids is not None and task_ids.complete:
             P = task_ids.num_langs ** 2
-            pair = task_ids.for_routing("lang_pair")[rows][plan.token_index]  # [A]
-            expert = torch.repeat_interleave(
-                torch.arange(E, device=routed.device), plan.expert_counts)  # [A]
-            counts_by_pair = torch.bincount(pair * E + expert, minlength=P * E).view(P, E)
+            pair = task_ids.for_routing("lang_pair")[rows][token_index]  # [A]
+            counts_by_pair = torch.bincount(pair * E + experts, minlength=P * E).view(P, E)
         if by_task:
             balance = task_balancing_loss(decision, task_ids.for_routing(self.kind)[rows], E)
         else:
@@ -135,8 +166,8 @@ class MoELayer(nn.Module):
         return MoEStats(
             balance_loss=balance,
             z_loss=router_z_loss(decision),
-            expert_counts=plan.expert_counts,
-            dropped=plan.dropped,
+            expert_counts=expert_counts,
+            dropped=dropped,
             assignments=decision.expert_indices.numel(),
             counts_by_pair=counts_by_pair,
         )

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import MODEL_NAME, MoEConfig
+from .experts import merge_ffns
 from .routing import TASK_ROUTING_KINDS, TaskIds, num_task_ids, task_logit_table, top_k_route
 
 _EXPERT_KEY = re.compile(r"^experts\.experts\.(\d+)\.(fc[12]\.(?:weight|bias))$")
@@ -95,19 +96,6 @@ def parse_pairs(spec: str, langs: Sequence[str]) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _merge(experts: Sequence[Dict[str, Tensor]], weights: Sequence[float]) -> Dict[str, Tensor]:
-    """One FFN equal to sum_k w_k * FFN_k (see module docstring). Computed in fp64."""
-    dtype = experts[0]["fc1.weight"].dtype
-    w = [torch.tensor(g, dtype=torch.float64) for g in weights]
-    return {
-        "fc1.weight": torch.cat([e["fc1.weight"] for e in experts], 0),
-        "fc1.bias": torch.cat([e["fc1.bias"] for e in experts], 0),
-        "fc2.weight": torch.cat([g * e["fc2.weight"].double() for g, e in zip(w, experts)],
-                                1).to(dtype),
-        "fc2.bias": sum(g * e["fc2.bias"].double() for g, e in zip(w, experts)).to(dtype),
-    }
-
-
 def _ffn_params(units: Sequence[Dict[str, Tensor]]) -> int:
     return sum(t.numel() for unit in units for t in unit.values())
 
@@ -142,7 +130,7 @@ def _prune_layer(params: Dict[str, Tensor], task_ids: List[int], task_names: Dic
         key = (tuple(indices), tuple(weights.tolist()))
         if key not in distinct:
             distinct[key] = len(merged_units)
-            merged_units.append(_merge([experts[e] for e in indices], weights.tolist()))
+            merged_units.append(merge_ffns([experts[e] for e in indices], weights.tolist()))
     merged_size, union_size = _ffn_params(merged_units), _ffn_params(union_units)
     use_merged = merge and merged_size <= union_size
     if not merge:

@@ -254,10 +254,23 @@ class TaskGate(Router):
         nn.init.normal_(self.wg.weight, std=1.0)  # distinct logits per task: no ties at init
         self.register_buffer("mixing", mixing, persistent=False)
 
-    def logits(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
+    def row_logits(self, task_ids: Optional[TaskIds]) -> Tensor:
         ids = _task_ids_or_fail(task_ids, "task-routed MoE layer").for_routing(self.kind)  # [B]
-        logits = task_logit_table(self.wg.weight, self.mixing)[ids]  # [B, E]
+        return task_logit_table(self.wg.weight, self.mixing)[ids]  # [B, E]
+
+    def logits(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None, **unused):
+        logits = self.row_logits(task_ids)  # [B, E]
         return logits.unsqueeze(0).expand(routed.size(0), -1, -1)[routed]  # [N, E]
+
+    def forward(self, x: Tensor, routed: Tensor, task_ids: Optional[TaskIds] = None,
+                **unused) -> RoutingDecision:
+        """The decision is made once per row ([B, E] softmax and top-k) and copied to the row's
+        routed tokens: the same values as routing each token, B/N of the work."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            rows = top_k_route(self.row_logits(task_ids), self.top_k)  # [B, ...]
+        row_of = torch.arange(routed.size(1), device=routed.device).expand_as(routed)[routed]
+        return RoutingDecision(rows.expert_indices[row_of], rows.expert_weights[row_of],
+                               rows.router_logits[row_of])  # [N, ...]
 
 
 class FrozenTaskRouting(nn.Module):
@@ -268,10 +281,11 @@ class FrozenTaskRouting(nn.Module):
     merged). The pruner fills them from the full model's eval-mode decisions.
     """
 
-    def __init__(self, kind: str, num_tasks: int, slots: int, served: str):
+    def __init__(self, kind: str, num_tasks: int, slots: int, served: str, merged: bool = False):
         super().__init__()
         self.kind = kind
         self.served = served  # human-readable, for the error below
+        self.merged = merged  # one merged FFN per route: every slot weight is 1
         self.register_buffer("slot_indices", torch.full((num_tasks, slots), -1, dtype=torch.long))
         self.register_buffer("slot_weights", torch.zeros(num_tasks, slots))
 

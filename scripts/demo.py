@@ -132,10 +132,10 @@ def train(args, data, save_dir: Path):
     if done.exists():
         log(f"train: {done} exists, skipped")
         return
-    limit = f" or {args.train_minutes:g} minutes" if args.train_minutes else ""
+    limit = (f" or {args.train_minutes:g} minutes, whichever comes first"
+             if args.train_minutes else "")
     log(f"train: task-MoE (target/target routing, 8 experts), {args.max_update} updates"
-        f"{limit}, whichever comes first (resumes from {save_dir}/checkpoint_last.pt if "
-        "present) ...")
+        f"{limit} (resumes from {save_dir}/checkpoint_last.pt if present) ...")
     save_dir.mkdir(parents=True, exist_ok=True)
     cmd = [str(c) for c in [
         BIN / "fairseq-train", *task_flags(data), *DEMO_MODEL, *DEMO_TRAINING,
@@ -299,8 +299,8 @@ def print_summary(summary):
         print()
     print(f"\npruned for {p['pair']}:")
     print(f"  hypotheses identical to the full model: {p['identical_hypotheses']} of "
-          f"{p['sentences']} (merging experts changes float rounding, ~1e-7, so a beam near-tie "
-          "can flip)")
+          f"{p['sentences']} (in inference the full model runs each task's experts merged, as "
+          "the pruned one does, so they compute bit for bit the same)")
     print(f"  BLEU full {p['bleu_full']:.2f} / pruned {p['bleu_pruned']:.2f}")
     print(f"  checkpoint bytes full {p['bytes_full']:,} / pruned {p['bytes_pruned']:,} "
           f"({p['bytes_pruned'] / p['bytes_full']:.1%})")
