@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -227,13 +226,19 @@ def run_measure(measure, model, task, net, args):
     return time.perf_counter() - start
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux keeps that
+    across execve, so a child would report its parent's peak from before the exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def memory_probe(path: Path, batch: int, args):
     """Own process: load one checkpoint, decode one batch, print peak RSS (KiB)."""
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_kib()
     model, task = load(path)
     run_measure("decode", model, task, make_inputs(task, batch, args), args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_kib": peak, "rss_before_load_kib": base}))
+    print(json.dumps({"peak_rss_kib": peak_rss_kib(), "rss_before_load_kib": base}))
 
 
 def peak_memory(path: Path, batch: int, args) -> dict:
