@@ -25,6 +25,10 @@ PAPER = {"dense": 20.0, "token_token": 22.6, "sentence_sentence": 19.9,
          "lang_pair_lang_pair": 21.4, "target_target": 22.9, "token_target": 23.6}
 MAIN = list(PAPER)
 BALANCE = ["target_target_gl0", "target_target", "target_target_gl0.1", "target_target_tasks"]
+# scripts/distill.py (issue 10): dense students distilled from token / token seed 1
+DISTILLED = {"distilled": "dense student distilled from token / token",
+             "distilled_random": "dense student distilled from token / token (random init)"}
+PRUNED = "target_target"  # its pruned sub-network has the student's size
 
 
 def load_results(folder: Path):
@@ -64,6 +68,13 @@ def fmt(mean, spread=None, digits=1, pct=False):
 
 def signed(x, digits=1):
     return "–" if x is None else f"{x:+.{digits}f}"
+
+
+def gain_share(x, dense, token):
+    """(BLEU_x - BLEU_dense) / (BLEU_token_token - BLEU_dense) as text; "–" when undefined."""
+    if x is None or dense is None or token is None or token <= dense:
+        return "–"
+    return f"{(x - dense) / (token - dense):.0%}"
 
 
 def cell(runs_of_variant, getter, digits=1, pct=False):
@@ -135,8 +146,8 @@ def section_setup(results):
     return "\n".join(lines)
 
 
-def section_status(results):
-    rows = []
+def section_status(results, distilled=None):
+    rows, distilled = [], distilled or {}
     for name, variant, seed in runs():
         r = results.get(name)
         if r is None:
@@ -146,34 +157,151 @@ def section_status(results):
         rows.append([f"`{name}`", r["label"], seed, "done",
                      f"{r['budget']['updates_done']:,}", hms(r["wall_seconds"]["training"]),
                      hms(r["wall_seconds"]["evaluation"])])
+    for name, r in sorted(distilled.items()):  # scripts/distill.py's finished students
+        rows.append([f"`{name}`", r["label"], r["seed"], "done",
+                     f"{r['budget']['updates_done']:,}", hms(r["wall_seconds"]["training"]),
+                     hms(r["wall_seconds"]["evaluation"])])
     return "## Runs\n\n" + table(
         ["run", "encoder / decoder routing", "seed", "state", "updates", "training time",
          "evaluation time"], rows)
 
 
-def section_table1(groups):
+def section_table1(groups, distilled=None):
     dense = groups.get("dense", [])
     dense_mean = stat([avg_value("trained", "bleu")(r) for r in dense])[0]
+    token_mean = stat([avg_value("trained", "bleu")(r) for r in groups.get("token_token", [])])[0]
     rows = []
     for v in MAIN:
         g = groups.get(v, [])
         paper_delta = PAPER[v] - PAPER["dense"]
         if not g:
             rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
-                         "not yet run", "–", "–", "–"])
+                         "not yet run", "–", "–", "–", "–"])
             continue
         mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
         ours_delta = mean - dense_mean if (mean is not None and dense_mean is not None) else None
         rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
                      cell(g, avg_value("trained", "bleu")), signed(ours_delta),
+                     gain_share(mean, dense_mean, token_mean),
+                     cell(g, avg_value("zero_shot", "bleu")), seeds_note(g)])
+    for v, label in DISTILLED.items():
+        g = [r for r in (distilled or {}).values() if r["variant"] == v]
+        if not g:
+            if v == "distilled":
+                rows.append([label, "–", "–", "not yet run", "–", "–", "–", "–"])
+            continue
+        mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
+        ours_delta = mean - dense_mean if (mean is not None and dense_mean is not None) else None
+        rows.append([label, "–", "–", cell(g, avg_value("trained", "bleu")), signed(ours_delta),
+                     gain_share(mean, dense_mean, token_mean),
                      cell(g, avg_value("zero_shot", "bleu")), seeds_note(g)])
     return ("## Against the paper's Table 1\n\nPaper: WMT, 30 directions, 32 experts, average "
             "BLEU. Here: Multi30k, the 6 trained directions averaged (and the 6 zero-shot ones), "
             "8 experts. Δ is against the dense model of the same table; ± is half the range over "
-            "seeds.\n\n" + table(
+            "seeds. \"Gain of token / token kept\" is (BLEU − BLEU dense) / (BLEU token / "
+            "token − BLEU dense) of the trained averages. The dense student "
+            "(`scripts/distill.py`, section \"Distillation baseline\") is not in the paper's "
+            "table.\n\n" + table(
                 ["encoder / decoder routing", "paper BLEU", "paper Δ vs dense",
-                 "ours: trained avg BLEU", "ours Δ vs dense", "ours: zero-shot avg BLEU",
-                 "seeds"], rows))
+                 "ours: trained avg BLEU", "ours Δ vs dense", "gain of token / token kept",
+                 "ours: zero-shot avg BLEU", "seeds"], rows))
+
+
+def pruned_bleu(pair):
+    """A task-routed run's BLEU for `pair` from its checkpoint pruned for `pair` (trained
+    directions); zero-shot directions from the full model, which computes each task's experts
+    merged, as a sub-network pruned for the pair's target would."""
+    def get(r):
+        rec = (r.get("pruned") or {}).get(pair) or r["directions"].get(pair) or {}
+        return rec.get("bleu")
+    return get
+
+
+def pruned_trained_avg(r):
+    vals = [pruned_bleu(p)(r) for p in TRAINED]
+    return None if None in vals else sum(vals) / len(vals)
+
+
+def section_distillation(groups, distilled):
+    """Issue 10: the dense student next to dense, its teacher and the pruned task-MoE."""
+    title = "## Distillation baseline\n\n"
+    dense_mean = stat([avg_value("trained", "bleu")(r) for r in groups.get("dense", [])])[0]
+    token_mean = stat([avg_value("trained", "bleu")(r)
+                       for r in groups.get("token_token", [])])[0]
+    header = ["model", *DIRECTIONS, "trained avg", "zero-shot avg", "gain of token / token kept"]
+
+    def plain(g):
+        mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
+        return [*[cell(g, direction_value("bleu", p)) for p in DIRECTIONS],
+                cell(g, avg_value("trained", "bleu")), cell(g, avg_value("zero_shot", "bleu")),
+                gain_share(mean, dense_mean, token_mean)]
+
+    rows = []
+    pruned_label = f"{VARIANTS[PRUNED]['label']}, pruned (taskmoe-prune)"
+    for label, g, cells in [
+            (VARIANTS["dense"]["label"], groups.get("dense", []), plain),
+            (VARIANTS["token_token"]["label"] + " (the teacher)", groups.get("token_token", []),
+             plain),
+            (pruned_label, groups.get(PRUNED, []), lambda g: [
+                *[cell(g, pruned_bleu(p)) for p in DIRECTIONS], cell(g, pruned_trained_avg),
+                cell(g, avg_value("zero_shot", "bleu")),
+                gain_share(stat([pruned_trained_avg(r) for r in g])[0], dense_mean,
+                           token_mean)])]:
+        rows.append([label, *cells(g)] if g else [label, "not yet run"] + [""] * (len(header) - 2))
+    for v, label in DISTILLED.items():
+        g = [r for r in distilled.values() if r["variant"] == v]
+        if g:
+            rows.append([label, *plain(g)])
+        elif v == "distilled":
+            rows.append([label, "not yet run"] + [""] * (len(header) - 2))
+    parts = [title + "A dense model of the study's backbone (`--moe-freq 0`: d=256, 3+3 layers, "
+             "FFN 1024, the size of one pruned target / target sub-network), trained with the "
+             "study's recipe and budget on the token / token teacher's beam-5 translations of "
+             "the training sources (sequence-level distillation, `scripts/distill.py`). The "
+             "pruned task-MoE row uses, per trained direction, the checkpoint pruned for it; "
+             "its zero-shot cells are the full model's, which runs each task's experts merged "
+             "exactly as a pruned sub-network does.", table(header, rows)]
+    notes = []
+    for name, r in sorted(distilled.items()):
+        init = r.get("distillation", {}).get("student_init") or {}
+        if init.get("init") == "teacher":
+            notes.append(f"`{name}` starts from the teacher's non-expert weights; each MoE "
+                         "layer's FFN from two merged experts (0.5 each): " + ", ".join(
+                             f"{layer} experts {a} and {b}"
+                             for layer, (a, b) in init.get("experts", {}).items())
+                         + f" ({init.get('experts_chosen_by')}).")
+        sp = r.get("speed") or {}
+        if "student" in sp:
+            notes.append(
+                f"Decode speed, measured in one run ({sp['pair']}, beam {sp['beam']}, "
+                f"{sp['how']}): student {sp['student']['tokens_per_s']:,} tokens/s "
+                f"({sp['student']['params']:,} parameters), pruned {VARIANTS[PRUNED]['label']} "
+                f"{sp['pruned']['tokens_per_s']:,} tokens/s ({sp['pruned']['params']:,} "
+                "parameters).")
+        elif sp.get("skipped"):
+            notes.append(f"Decode speed of `{name}`: not measured yet ({sp['skipped']}).")
+        c = r.get("cost")
+        if c:
+            here = c.get("pruning_seconds_measured_here") or {}
+            study_runs = c.get("pruning_seconds_from_study_runs") or {}
+            prune = "; ".join(
+                [f"{p} {s:.1f} s (measured with the speed run)" for p, s in here.items()]
+                + [f"`{run}`: {sum(v.values()):.1f} s for {len(v)} directions"
+                   for run, v in study_runs.items()])
+            notes.append(
+                f"Cost of each path beyond training the large MoE (`{name}`, measured here): "
+                f"distillation = teacher decoding {c['teacher_decode_seconds']:,.0f} s + "
+                f"student training {c['student_training_seconds']:,.0f} s (+ binarizing "
+                f"{c['binarize_seconds']:,.0f} s and initialising {c['init_seconds']:,.0f} s) = "
+                f"{c['distillation_total_seconds']:,.0f} s; pruning = "
+                + (prune or "not measured yet") + ".")
+        notes.append(f"`{name}` was made by: `.venv/bin/python {r['commands']['study']}`.")
+    if not distilled:
+        notes.append("Run it with `.venv/bin/python scripts/distill.py` once `token_token-s1` "
+                     "(the teacher) and `target_target-s1` (for the speed comparison) are "
+                     "trained.")
+    parts.append("\n".join(f"- {n}" for n in notes))
+    return "\n\n".join(parts)
 
 
 def variant_rows(groups, width, cells):
@@ -448,14 +576,17 @@ def render(results, out_dir: Path) -> str:
             "`results/study/*.json` (written by `scripts/study.py`); do not edit by hand. The "
             "paper is Kudugunta et al. 2021, \"Beyond Distillation: Task-level Mixture-of-Experts "
             "for Efficient Inference\".")
+    distilled = {n: r for n, r in results.items() if r["variant"] in DISTILLED}
+    results = {n: r for n, r in results.items() if r["variant"] not in DISTILLED}
     if not results:
         return "\n\n".join([
-            head, "No run has finished yet.", section_status(results),
+            head, "No run has finished yet.", section_status(results, distilled),
             "## Commands\n\n```bash\n.venv/bin/python scripts/study.py\n"
             ".venv/bin/python scripts/study_report.py\n```"]) + "\n"
     groups = by_variant(results)
-    parts = [head, section_setup(results), section_status(results), section_table1(groups),
-             section_reading(results, groups),
+    parts = [head, section_setup(results), section_status(results, distilled),
+             section_table1(groups, distilled), section_reading(results, groups),
+             section_distillation(groups, distilled),
              section_directions(groups, "bleu", "sacreBLEU per direction"),
              section_directions(groups, "chrf", "chrF per direction"),
              section_off_target(groups),
