@@ -42,6 +42,13 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
         os.close(dir_fd)
 
 
+def write_text_atomically(path: str, text: str):
+    """`text` to `path` atomically, creating its folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(str(path), "w") as f:
+        f.write(text)
+
+
 def write_atomically(obj, path: str, save: Callable = torch.save):
     """torch.save(obj) to `path` atomically."""
     with atomic_file(path) as f:

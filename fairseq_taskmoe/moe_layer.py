@@ -36,6 +36,13 @@ class MoEStats:
     counts_by_pair: Optional[Tensor] = None
 
 
+def _routed(x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
+    """[T, B] bool: the positions that are routed (not pads)."""
+    if pad_mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return ~pad_mask.t()
+
+
 class MoELayer(nn.Module):
     """Replaces a transformer FFN. `router` is a learned gate (routing.Router) or, in a pruned
     model, a routing.FrozenTaskRouting; `experts` holds the FFNs the router's indices refer to.
@@ -84,11 +91,10 @@ class MoELayer(nn.Module):
         frozen = isinstance(self.router, FrozenTaskRouting)
         if frozen and self.router.single_ffn(len(self.experts)):
             return self._single_ffn(x, pad_mask, task_ids, incremental_state)
-        T, B, C = x.shape
-        routed = (torch.ones(T, B, dtype=torch.bool, device=x.device) if pad_mask is None
-                  else ~pad_mask.t())  # [T, B]
         if self._merged_inference():
-            return self._merged_tasks(x, routed, pad_mask, task_ids, incremental_state)
+            return self._merged_tasks(x, pad_mask, task_ids, incremental_state)
+        T, B, C = x.shape
+        routed = _routed(x, pad_mask)  # [T, B]
         tokens = x.reshape(T * B, C) if pad_mask is None else x[routed]  # [N, C], same order
         decision = self.router(x, routed, task_ids=task_ids, incremental_state=incremental_state)
         plan = D.make_plan(decision.expert_indices, len(self.experts), self._capacity(decision))
@@ -107,7 +113,7 @@ class MoELayer(nn.Module):
         return (self.merged is not None and not self.training and not torch.is_grad_enabled()
                 and type(self.experts) is ExpertFFNs)  # not sharded: every expert is here
 
-    def _merged_tasks(self, x, routed, pad_mask, task_ids, incremental_state):
+    def _merged_tasks(self, x, pad_mask, task_ids, incremental_state):
         """Inference of a task-routed layer: each row through its task's merged FFN."""
         task_of_row = _task_ids_or_fail(task_ids, "task-routed MoE layer").for_routing(self.kind)
         out = self.merged.forward(self.router, self.experts, x, task_of_row)
@@ -115,6 +121,7 @@ class MoELayer(nn.Module):
             out = out.masked_fill(pad_mask.t().unsqueeze(-1), 0.0)
         if incremental_state is not None:
             return out, None
+        routed = _routed(x, pad_mask)  # only statistics need it
         decision = self.router(x, routed, task_ids=task_ids)
         return out, self._stats(decision, None, routed, task_ids)
 

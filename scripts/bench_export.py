@@ -214,7 +214,7 @@ def main(argv=None):
     import sentencepiece
     import torch
 
-    from fairseq_taskmoe.atomic import atomic_file
+    from fairseq_taskmoe.atomic import write_text_atomically
 
     args = parse_args(argv)
     paths = resolve_paths(args)
@@ -261,9 +261,7 @@ def main(argv=None):
           "(model loading and SentencePiece excluded); BLEU: detokenized sacreBLEU.\n\n"
           f"{table(results)}\n")
     for path, text in ((args.out_json, json.dumps(report, indent=2) + "\n"), (args.out_md, md)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, "w") as f:
-            f.write(text)
+        write_text_atomically(path, text)
     print(md)
 
 

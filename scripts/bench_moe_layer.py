@@ -75,7 +75,7 @@ from demo import REPO  # sibling script
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore", category=FutureWarning)  # fairscale vs current torch
 from fairscale.nn.moe import MOELayer, Top2Gate, top2gate  # noqa: E402
-from fairseq_taskmoe.atomic import write_atomically  # noqa: E402
+from fairseq_taskmoe.atomic import write_text_atomically  # noqa: E402
 from fairseq_taskmoe.experts import ExpertFFNs, FeedForward  # noqa: E402
 from fairseq_taskmoe.moe_layer import MoELayer  # noqa: E402
 from fairseq_taskmoe.routing import TaskIds, build_router  # noqa: E402
@@ -286,11 +286,6 @@ def machine():
     return f"{name or platform.machine()}, os.cpu_count() = {os.cpu_count()}"
 
 
-def save_text(text, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomically(text, path, save=lambda t, f: f.write(t.encode()))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -312,8 +307,8 @@ def main(argv=None):
             print("\n".join(timing_rows(result)), flush=True)
             del setup
     print("\n" + "\n".join(ROUTING_HEAD + [routing_row(r) for r in report["results"]]))
-    save_text(json.dumps(report, indent=1) + "\n", args.json)
-    save_text(markdown(report), args.markdown)
+    write_text_atomically(args.json, json.dumps(report, indent=1) + "\n")
+    write_text_atomically(args.markdown, markdown(report))
     print(f"[bench] wrote {args.json} and {args.markdown}", flush=True)
     return report
 

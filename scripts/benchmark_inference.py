@@ -48,7 +48,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
 
-from fairseq_taskmoe.atomic import atomic_file  # noqa: E402
+from fairseq_taskmoe.atomic import atomic_file, write_text_atomically  # noqa: E402
 
 LANGS = ["en", "de", "fr", "cs"]
 PAIRS = ["en-de", "de-en", "en-fr", "fr-en", "en-cs", "cs-en"]
@@ -104,12 +104,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(str(path), "w") as f:
-        f.write(text)
-
-
 def log(msg):
     print(f"[bench] {msg}", flush=True)
 
@@ -124,7 +118,7 @@ def dict_dir(work: Path, vocab: int) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         text = "".join(f"w{i} 1\n" for i in range(vocab - 4 - len(LANGS)))
         for lang in LANGS:
-            write_text(d / f"dict.{lang}.txt", text)
+            write_text_atomically(d / f"dict.{lang}.txt", text)
     return d
 
 
@@ -443,9 +437,9 @@ def plot(result: dict, path: Path):
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_file(str(path)) as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -473,8 +467,8 @@ def main(argv=None):
     for E in (int(e) for e in args.experts.split(",")):
         result["experts"][str(E)] = bench_experts(E, args, data, work)
         print(markdown(result), flush=True)
-    write_text(Path(args.json), json.dumps(result, indent=1))
-    write_text(Path(args.markdown), markdown(result))
+    write_text_atomically(Path(args.json), json.dumps(result, indent=1))
+    write_text_atomically(Path(args.markdown), markdown(result))
     plot(result, Path(args.plot))
     log(f"wrote {args.json}, {args.markdown}, {args.plot}")
 
