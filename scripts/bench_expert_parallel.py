@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench_train_speed import PLUGIN, SIZE  # sibling script: same model
 from demo import LANGS, PAIRS, REPO
+from fairseq_taskmoe.atomic import write_text_atomically
 
 ROUTINGS = {"token / token": ["--encoder-moe-routing", "token", "--decoder-moe-routing", "token"],
             "target / target": ["--encoder-moe-routing", "target",
@@ -75,14 +76,11 @@ def main():
               for n, w, s in rows]
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(f"Command: `.venv/bin/python scripts/bench_expert_parallel.py --data "
-                   f"{args.data} --world-size {args.world_size} --updates {args.updates}` "
-                   f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()}-core CPU, gloo, one "
-                   f"thread per rank)\n\n{table}\n")
-    tmp.rename(out)
+    write_text_atomically(args.out,
+                          f"Command: `.venv/bin/python scripts/bench_expert_parallel.py --data "
+                          f"{args.data} --world-size {args.world_size} --updates {args.updates}` "
+                          f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()}-core CPU, gloo, "
+                          f"one thread per rank)\n\n{table}\n")
 
 
 if __name__ == "__main__":

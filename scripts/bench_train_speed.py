@@ -18,9 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from demo import BIN, LANGS, PAIRS, REPO  # sibling script: the demo's data and languages
+from fairseq_taskmoe.atomic import write_text_atomically
 
 SIZE = ["--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim",
         "512", "--decoder-ffn-embed-dim", "512", "--encoder-layers", "4", "--decoder-layers",
@@ -75,13 +75,10 @@ def main():
     lines += [f"| {n} | {p} | {w:,.0f} | {w / dense:.2f} |" for n, p, w in rows]
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(f"Command: `.venv/bin/python scripts/bench_train_speed.py --data {args.data} "
-                   f"--updates {args.updates}` ({time.strftime('%Y-%m-%d')}, 2-core CPU)\n\n"
-                   f"{table}\n")
-    tmp.rename(out)
+    write_text_atomically(args.out,
+                          f"Command: `.venv/bin/python scripts/bench_train_speed.py --data "
+                          f"{args.data} --updates {args.updates}` ({time.strftime('%Y-%m-%d')}, 2-core CPU)"
+                          f"\n\n{table}\n")
 
 
 if __name__ == "__main__":
