@@ -77,8 +77,8 @@ def main():
     print(table)
     write_text_atomically(args.out,
                           f"Command: `.venv/bin/python scripts/bench_train_speed.py --data "
-                          f"{args.data} --updates {args.updates}` ({time.strftime('%Y-%m-%d')}, 2-core CPU)"
-                          f"\n\n{table}\n")
+                          f"{args.data} --updates {args.updates}` "
+                          f"({time.strftime('%Y-%m-%d')}, 2-core CPU)\n\n{table}\n")
 
 
 if __name__ == "__main__":
