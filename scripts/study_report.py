@@ -86,7 +86,17 @@ def direction_value(key, pair):
 
 
 def avg_value(group, key):
-    return lambda r: (r["averages"].get(group) or {}).get(key)
+    """A run's average over its trained or zero-shot directions, from the per-direction values
+    (the stored average is rounded to 2 decimals; re-rounding it can differ by 0.1 from the
+    pruned average computed from the same directions)."""
+    pairs = TRAINED if group == "trained" else ZERO_SHOT
+
+    def get(r):
+        vals = [r["directions"].get(p, {}).get(key) for p in pairs]
+        if None not in vals:
+            return sum(vals) / len(vals)
+        return (r["averages"].get(group) or {}).get(key)
+    return get
 
 
 def seeds_note(group):
