@@ -415,6 +415,10 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path):
+    import logging
+
+    # importing fairseq leaves the root logger at DEBUG: keep matplotlib's start-up quiet
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")

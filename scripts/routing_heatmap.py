@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def draw(usage, out, title=None):
     """usage {layer: {pair: [share per expert]}} -> PNG at `out` (written atomically)."""
+    import logging
+
+    # importing fairseq leaves the root logger at DEBUG: keep matplotlib's start-up quiet
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -282,12 +282,7 @@ def section_distillation(groups, distilled):
                          + f" ({init.get('experts_chosen_by')}).")
         sp = r.get("speed") or {}
         if "student" in sp:
-            notes.append(
-                f"Decode speed, measured in one run ({sp['pair']}, beam {sp['beam']}, "
-                f"{sp['how']}): student {sp['student']['tokens_per_s']:,} tokens/s "
-                f"({sp['student']['params']:,} parameters), pruned {VARIANTS[PRUNED]['label']} "
-                f"{sp['pruned']['tokens_per_s']:,} tokens/s ({sp['pruned']['params']:,} "
-                "parameters).")
+            notes.extend(speed_notes(sp, r["distillation"].get("data", {}).get("directions")))
         elif sp.get("skipped"):
             notes.append(f"Decode speed of `{name}`: not measured yet ({sp['skipped']}).")
         c = r.get("cost")
@@ -306,12 +301,84 @@ def section_distillation(groups, distilled):
                 f"{c['distillation_total_seconds']:,.0f} s; pruning = "
                 + (prune or "not measured yet") + ".")
         notes.append(f"`{name}` was made by: `.venv/bin/python {r['commands']['study']}`.")
+    notes.extend(claim_notes(groups, distilled))
     if not distilled:
         notes.append("Run it with `.venv/bin/python scripts/distill.py` once `token_token-s1` "
                      "(the teacher) and `target_target-s1` (for the speed comparison) are "
                      "trained.")
     parts.append("\n".join(f"- {n}" for n in notes))
     return "\n\n".join(parts)
+
+
+STEP_BENCHMARK = REPO / "results" / "student_shape_benchmark.json"
+
+
+def speed_notes(sp, data_stats=None, step_benchmark: Path = STEP_BENCHMARK):
+    """The student vs pruned decode speed of a distillation run, with what explains a gap: output
+    length (tokens/s over sentences/s of the same runs) and, when measured, the per-step cost at
+    equal length (benchmark_inference.py variants c and e at the study's shapes)."""
+    s, p = sp["student"], sp["pruned"]
+    pair_stats = (data_stats or {}).get(sp["pair"], {})
+    teacher_len, ref_len = (pair_stats.get(k) for k in ("mean_pieces_teacher",
+                                                        "mean_pieces_reference"))
+    per_sent = {who: x["tokens_per_s"] / x["sentences_per_s"] for who, x in (("s", s), ("p", p))}
+    notes = [
+        f"Decode speed, measured in one run ({sp['pair']}, beam {sp['beam']}, {sp['how']}): "
+        f"student {s['sentences_per_s']:,} sentences/s, {s['tokens_per_s']:,} tokens/s "
+        f"({s['params']:,} parameters); pruned {VARIANTS[PRUNED]['label']} "
+        f"{p['sentences_per_s']:,} sentences/s, {p['tokens_per_s']:,} tokens/s "
+        f"({p['params']:,} parameters): the student runs at "
+        f"{s['sentences_per_s'] / p['sentences_per_s']:.2f}x the pruned model's sentences/s and "
+        f"{s['tokens_per_s'] / p['tokens_per_s']:.2f}x its tokens/s. Its hypotheses are longer: "
+        f"{per_sent['s']:.1f} generated tokens per sentence against {per_sent['p']:.1f} "
+        "(tokens/s over sentences/s of the same runs), and fairseq's beam search decodes a batch "
+        "until its longest hypothesis ends, so long outputs cost more steps than their own "
+        "tokens."
+        + (f" The length is not the teacher's: its {sp['pair']} training targets average "
+           f"{teacher_len:.1f} pieces (references {ref_len:.1f})." if teacher_len else "")]
+    if step_benchmark.exists():
+        b = json.loads(step_benchmark.read_text())
+        for E, res in b["experts"].items():
+            v = res["variants"]
+            if "c" in v and "e" in v:
+                c, e = (v[k]["throughput"]["decode"]["peak"] for k in ("c", "e"))
+                notes.append(
+                    "At equal output length the two networks cost the same: forced-length "
+                    f"decoding at the study's shapes (random weights, {b['date']}, `"
+                    f"{b['command']}`, {Path(step_benchmark).name}) gives the pruned task-MoE "
+                    f"{c:,.0f} tokens/s and a dense transformer of its active size {e:,.0f} "
+                    f"({c / e:.2f}x).")
+                break
+    return notes
+
+
+# Kudugunta et al. 2021 (WMT, 8 directions): the student keeps 32% of token-MoE's gain over dense; the
+# extracted task-MoE sub-network keeps all of it, +2.1 BLEU over the student.
+PAPER_DISTILLED_KEEPS, PAPER_PRUNED_OVER_STUDENT = 0.32, 2.1
+
+
+def claim_notes(groups, distilled):
+    """The paper's "beyond distillation" claim against the present runs (trained averages)."""
+    mean = {v: stat([avg_value("trained", "bleu")(r) for r in g])[0] for v, g in groups.items()}
+    students = [r for r in distilled.values() if r["variant"] == "distilled"]
+    student = stat([avg_value("trained", "bleu")(r) for r in students])[0]
+    pruned = stat([pruned_trained_avg(r) for r in groups.get(PRUNED, [])])[0]
+    dense, token = mean.get("dense"), mean.get("token_token")
+    if None in (student, pruned, dense, token) or token <= dense:
+        return []
+    keeps = {"s": (student - dense) / (token - dense), "p": (pruned - dense) / (token - dense)}
+    return [
+        f"The paper's claim (WMT, 8 directions): the student keeps "
+        f"{PAPER_DISTILLED_KEEPS:.0%} of token-MoE's gain over dense and the extracted task-MoE "
+        f"all of it, {PAPER_PRUNED_OVER_STUDENT:+.1f} BLEU over the student. Here (trained "
+        f"averages, seed {seeds_note(students)}): the student keeps {keeps['s']:.0%} "
+        f"({student - dense:+.1f} BLEU over dense), the pruned {VARIANTS[PRUNED]['label']} "
+        f"{keeps['p']:.0%} ({pruned - dense:+.1f}), {pruned - student:+.1f} BLEU over the "
+        "student. "
+        + ("Direction as in the paper: pruning beats distilling at the same active size"
+           if pruned > student else "Unlike the paper, the student is not behind")
+        + (", but here the task-MoE itself keeps less than all of token-MoE's gain."
+           if keeps["p"] < 0.95 else ".")]
 
 
 def variant_rows(groups, width, cells):

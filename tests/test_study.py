@@ -230,3 +230,35 @@ def test_heatmap_draws_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         routing_heatmap.draw({}, tmp_path / "dense.png")
+
+
+def test_report_distillation_speed_and_claim(tmp_path):
+    results = {n: fake_result(n, v, 1, base=b) for n, v, b in [
+        ("dense-s1", "dense", 20.0), ("token_token-s1", "token_token", 22.0),
+        ("target_target-s1", "target_target", 21.0)]}
+    student = fake_result("distilled-s1", "dense", 1, base=20.5)
+    student.update(variant="distilled", distillation={"data": {"directions": {
+        "en-de": {"mean_pieces_teacher": 13.0, "mean_pieces_reference": 16.0}}}},
+        speed={"pair": "en-de", "beam": 5, "how": "alternated",
+               "student": {"sentences_per_s": 20.0, "tokens_per_s": 400.0, "params": 7},
+               "pruned": {"sentences_per_s": 40.0, "tokens_per_s": 500.0, "params": 7}})
+    results["distilled-s1"] = student
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"date": "d", "command": "bench", "experts": {"8": {"variants": {
+        "c": {"throughput": {"decode": {"peak": 600.0}}},
+        "e": {"throughput": {"decode": {"peak": 500.0}}}}}}}))
+    notes = " ".join(study_report.speed_notes(student["speed"], {
+        "en-de": {"mean_pieces_teacher": 13.0, "mean_pieces_reference": 16.0}}, bench))
+    assert "0.50x the pruned model's sentences/s and 0.80x its tokens/s" in notes
+    assert "20.0 generated tokens per sentence against 12.5" in notes
+    assert "training targets average 13.0 pieces (references 16.0)" in notes
+    assert "gives the pruned task-MoE 600 tokens/s" in notes and "(1.20x)" in notes
+    assert "(1.20x)" not in " ".join(study_report.speed_notes(student["speed"], None,
+                                                              tmp_path / "absent.json"))
+    md = study_report.render(results, tmp_path)
+    # trained averages: dense 20.25, token 22.25, pruned target 21.25, student 20.75
+    assert "the student keeps 25% (+0.5 BLEU over dense)" in md
+    assert "the pruned target / target 50% (+1.0), +0.5 BLEU over the student" in md
+    assert "Direction as in the paper" in md
+    student["directions"] = fake_result("x", "dense", 1, base=21.5)["directions"]
+    assert "Unlike the paper, the student is not behind" in study_report.render(results, tmp_path)
