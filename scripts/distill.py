@@ -176,6 +176,7 @@ def parse_args(argv=None):
     args.variant = "distilled" if args.init == "teacher" else "distilled_random"
     args.run_name = f"{args.variant}-s{args.seed}"
     args.keep_pruned = False
+    args.preset = "cpu"  # the study's scale (study.PRESETS); distillation runs at that one only
     args.img_dir = args.work / "img"  # unused: the student has no routing
     return args
 

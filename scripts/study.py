@@ -80,7 +80,25 @@ SHARED_FLAGS = {
     "--dropout": 0.1,
     "--max-tokens": MAX_TOKENS,
 }
-EXPERTS, TOP_K = SHARED_FLAGS["--moe-expert-count"], SHARED_FLAGS["--moe-top-k"]
+
+# The scale of the study (--preset). "cpu" is what results/study/ holds: ~25-40 minutes per model
+# on 2 CPU cores. "gpu" is the same study near Transformer-Base scale for one GPU (d=512, 6+6
+# layers, 32 experts of width 1024 in every second layer, mixed precision, 30k updates of 16k
+# tokens); it has its own work, results and image folders and has not been run here (no GPU was
+# lent to this project), so its flags are a starting point, not a tuned recipe.
+PRESETS = {
+    "cpu": dict(flags=SHARED_FLAGS, max_update=1000, device=["--cpu"], folder="study"),
+    "gpu": dict(flags={
+        **SHARED_FLAGS,
+        "--encoder-layers": 6, "--decoder-layers": 6,
+        "--encoder-embed-dim": 512, "--decoder-embed-dim": 512,
+        "--encoder-ffn-embed-dim": 2048, "--decoder-ffn-embed-dim": 2048,
+        "--encoder-attention-heads": 8, "--decoder-attention-heads": 8,
+        "--moe-freq": 2, "--moe-expert-count": 32, "--moe-expert-ffn-dim": 1024,
+        "--lr": 0.0007, "--warmup-updates": 4000, "--dropout": 0.1,
+        "--max-tokens": 16384, "--amp": None,
+    }, max_update=30000, device=[], folder="study-gpu"),
+}
 
 
 def moe(enc, dec, gate_loss_wt=0.01, extra=()):
@@ -164,18 +182,25 @@ def read_json(path: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=str(REPO / "work" / "study"),
-                   help="checkpoints, logs and generations (default: work/study)")
-    p.add_argument("--results", default=str(REPO / "results" / "study"),
-                   help="one JSON per finished run (default: results/study)")
-    p.add_argument("--img-dir", default=str(REPO / "docs" / "img"),
-                   help="routing heatmaps <run>.png (default: docs/img)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="scale: cpu (default; d=256 3+3 layers, 8 experts, 1,000 updates of "
+                        "4,096 tokens, what results/study holds) or gpu (d=512 6+6 layers, 32 "
+                        "experts, 30,000 updates of 16,384 tokens, --amp; folders study-gpu; "
+                        "not run on a GPU yet)")
+    p.add_argument("--work", default=None,
+                   help="checkpoints, logs and generations (default: work/study, "
+                        "work/study-gpu for --preset gpu)")
+    p.add_argument("--results", default=None,
+                   help="one JSON per finished run (default: results/study, results/study-gpu)")
+    p.add_argument("--img-dir", default=None,
+                   help="routing heatmaps <run>.png (default: docs/img, docs/img/study-gpu)")
     p.add_argument("--only", default=None,
                    help="comma-separated variants (all their seeds) or runs, e.g. "
                         "dense,token_target-s2")
     p.add_argument("--list", action="store_true", help="list the runs and their state, then exit")
-    p.add_argument("--max-update", type=int, default=1000,
-                   help="training budget in updates of at most 4096 tokens (default: %(default)s)")
+    p.add_argument("--max-update", type=int, default=None,
+                   help="training budget in updates of at most --max-tokens tokens (default: "
+                        "the preset's: 1000 for cpu, 30000 for gpu)")
     p.add_argument("--save-interval", type=int, default=200,
                    help="save checkpoint_last.pt every N updates (default: %(default)s; a kill "
                         "loses at most that much training)")
@@ -193,8 +218,14 @@ def parse_args(argv=None):
     p.add_argument("--multi30k-dir", default=None,
                    help="raw Multi30k (default: $MULTI30K_DIR, else ../shared/data/multi30k)")
     args = p.parse_args(argv)
-    args.work, args.results = Path(args.work).resolve(), Path(args.results).resolve()
-    args.img_dir = Path(args.img_dir).resolve()
+    preset = PRESETS[args.preset]
+    folder = preset["folder"]
+    args.work = Path(args.work or REPO / "work" / folder).resolve()
+    args.results = Path(args.results or REPO / "results" / folder).resolve()
+    args.img_dir = Path(args.img_dir or (REPO / "docs" / "img" if args.preset == "cpu" else
+                                         REPO / "docs" / "img" / folder)).resolve()
+    if args.max_update is None:
+        args.max_update = preset["max_update"]
     args.directions = [d for d in args.directions.split(",") if d]
     bad = [d for d in args.directions if d not in DIRECTIONS]
     if bad:
@@ -261,13 +292,18 @@ def library_has(option: str) -> bool:
 
 
 def train_command(data: Path, variant: str, seed: int, save_dir: Path, max_update: int,
-                  save_interval: int = 200):
+                  save_interval: int = 200, preset: str = "cpu"):
     return [BIN / "fairseq-train", *task_flags(data, ",".join(LANGS), ",".join(TRAINED)),
-            *flag_list(SHARED_FLAGS), *VARIANTS[variant]["flags"],
+            *flag_list(PRESETS[preset]["flags"]), *VARIANTS[variant]["flags"],
             "--max-update", max_update, "--seed", seed, "--save-dir", save_dir,
             "--no-epoch-checkpoints", "--save-interval-updates", save_interval,
             "--keep-interval-updates", 1, "--disable-validation", "--num-workers", 0,
-            "--log-format", "simple", "--log-interval", 25, "--cpu"]
+            "--log-format", "simple", "--log-interval", 25, *PRESETS[preset]["device"]]
+
+
+def on_device(cmd, preset: str):
+    """A fairseq command (built with --cpu) for the preset's device."""
+    return cmd if "--cpu" in PRESETS[preset]["device"] else [c for c in cmd if c != "--cpu"]
 
 
 _CHILD = None
@@ -300,7 +336,8 @@ def train(args, data: Path, run_dir: Path, variant: str, seed: int, prefix: str)
     global _CHILD
     save_dir = run_dir / "checkpoints"
     done = run_dir / "train.done.json"
-    cmd = train_command(data, variant, seed, save_dir, args.max_update, args.save_interval)
+    cmd = train_command(data, variant, seed, save_dir, args.max_update, args.save_interval,
+                        args.preset)
     if done.exists() and read_json(done).get("max_update") == args.max_update:
         return cmd
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -409,8 +446,9 @@ class Timer:
 def generate(args, data, checkpoint, pair, out: Path, overrides=None):
     """Detokenized hypotheses {id: text} and tokens/s; skipped when `out` exists."""
     if not out.exists():
-        cmd = generate_command(data, checkpoint, pair, beam=BEAM, langs=",".join(LANGS),
-                               pairs=",".join(TRAINED))
+        cmd = on_device(generate_command(data, checkpoint, pair, beam=BEAM,
+                                         langs=",".join(LANGS), pairs=",".join(TRAINED)),
+                        args.preset)
         if args.max_len_b is not None:
             cmd += ["--max-len-a", 0, "--max-len-b", args.max_len_b]
         if overrides:
@@ -474,7 +512,7 @@ def prune_and_evaluate(args, data, prep, ckpt, pair, eval_dir, full_hyps, timer)
            "identical_hypotheses": hyps == full_hyps,
            "bytes": pruned.stat().st_size,
            "params": count_parameters(model),
-           "params_active_per_token": active_parameters(model, TOP_K),
+           "params_active_per_token": active_parameters(model, preset_top_k(args)),
            "tokens_per_s": speed,
            "kept_experts": parse_prune_log(prune_log.read_text())}
     write_json(record, out)
@@ -493,6 +531,10 @@ def heatmap(args, data, ckpt, run_name, eval_dir, timer):
              "--out", png, "--json", usage, "--title", run_name],
             log_path=eval_dir / "heatmap.log"))
     return png, read_json(usage)
+
+
+def preset_top_k(args):
+    return PRESETS[args.preset]["flags"]["--moe-top-k"]
 
 
 def average(directions, names, key):
@@ -544,8 +586,10 @@ def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
         active = pruned["en-de"]["params_active_per_token"]
         active_how = "parameters of the checkpoint pruned for en-de (taskmoe-prune)"
     else:
-        active = active_parameters(full_model, TOP_K)
-        active_how = (f"total minus {EXPERTS - TOP_K} idle experts per MoE layer"
+        flags = PRESETS[args.preset]["flags"]
+        top_k, experts = flags["--moe-top-k"], flags["--moe-expert-count"]
+        active = active_parameters(full_model, top_k)
+        active_how = (f"total minus {experts - top_k} idle experts per MoE layer"
                       if routing else "dense: every parameter is active")
 
     unseen = {}
@@ -592,17 +636,19 @@ def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
     import sacrebleu
     import torch
 
-    gen_example = generate_command(data, ckpt, "en-de", beam=BEAM, langs=",".join(LANGS),
-                                   pairs=",".join(TRAINED))
+    gen_example = on_device(generate_command(data, ckpt, "en-de", beam=BEAM,
+                                             langs=",".join(LANGS), pairs=",".join(TRAINED)),
+                            args.preset)
+    max_tokens = PRESETS[args.preset]["flags"]["--max-tokens"]
     return {
         "run": run_name, "variant": variant, "label": spec["label"], "seed": seed,
         "routing": {"encoder": routing[0], "decoder": routing[1]} if routing else None,
         "task_routed": task_routed,
-        "config": {"shared_flags": {k: v for k, v in SHARED_FLAGS.items()},
+        "config": {"shared_flags": dict(PRESETS[args.preset]["flags"]),
                    "variant_flags": [str(f) for f in spec["flags"]]},
         "budget": {"max_update": args.max_update, "updates_done": trained["num_updates"],
-                   "max_tokens": MAX_TOKENS,
-                   "updates_x_max_tokens": trained["num_updates"] * MAX_TOKENS},
+                   "max_tokens": max_tokens,
+                   "updates_x_max_tokens": trained["num_updates"] * max_tokens},
         "data": {"train_lines_per_direction": args.train_size or "all (29,000)",
                  "trained_directions": TRAINED, "zero_shot_directions": ZERO_SHOT,
                  "test_set": "Multi30k test_2016_flickr (1,000 sentences)",

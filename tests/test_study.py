@@ -79,6 +79,23 @@ def test_train_command_shares_the_backbone(tmp_path):
     assert dense[dense.index("--moe-freq") + 1] == "0"
 
 
+def test_gpu_preset_scales_up_in_its_own_folders(tmp_path):
+    cpu, gpu = study.parse_args([]), study.parse_args(["--preset", "gpu"])
+    assert (cpu.work.name, cpu.results.name, cpu.max_update) == ("study", "study", 1000)
+    assert (gpu.work.name, gpu.results.name, gpu.img_dir.name) == ("study-gpu",) * 3
+    assert gpu.max_update == 30000
+    assert study.parse_args(["--preset", "gpu", "--max-update", "7"]).max_update == 7
+    cmd = [str(c) for c in study.train_command(tmp_path, "target_target", 1, tmp_path, 5,
+                                               preset="gpu")]
+    assert "--cpu" not in cmd and "--amp" in cmd
+    assert cmd[cmd.index("--encoder-embed-dim") + 1] == "512"
+    assert cmd[cmd.index("--moe-expert-count") + 1] == "32"
+    assert "--cpu" in [str(c) for c in study.train_command(tmp_path, "dense", 1, tmp_path, 5)]
+    gen = study.generate_command(tmp_path, tmp_path / "c.pt", "en-de")
+    assert "--cpu" in gen and "--cpu" not in study.on_device(gen, "gpu")
+    assert study.on_device(gen, "cpu") == gen
+
+
 def test_skip_finished_runs_without_touching_data(tmp_path, capsys):
     results, work = tmp_path / "results", tmp_path / "work"
     results.mkdir()
