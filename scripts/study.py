@@ -470,11 +470,16 @@ def score(hyps, prep: Path, pair: str):
         raise RuntimeError(f"{pair}: {len(order)} hypotheses for {len(refs)} references")
     hyp_list, ref_lists = [hyps[i] for i in order], [[refs[i] for i in order]]
     bleu_metric, chrf_metric = BLEU(), CHRF()
-    bleu_metric.corpus_score(hyp_list, ref_lists)  # for its signature; the score is demo.bleu's
+    # for its signature and lengths; the score is demo.bleu's
+    lengths = bleu_metric.corpus_score(hyp_list, ref_lists)
     chrf = chrf_metric.corpus_score(hyp_list, ref_lists).score
     shares = language_shares(hyp_list, tgt)
+    # hypotheses over twice their reference's length: runaway decoding (repetition loops)
+    long = sum(len(h.split()) > 2 * max(len(r.split()), 1) for h, r in zip(hyp_list, ref_lists[0]))
     return {"bleu": round(bleu(hyps, ref_path), 2), "chrf": round(chrf, 2),
             **{k: round(v, 4) for k, v in shares.items()},
+            "length_ratio": round(lengths.sys_len / max(lengths.ref_len, 1), 4),
+            "over_twice_reference": round(long / len(hyp_list), 4),
             "signatures": {"bleu": str(bleu_metric.get_signature()),
                            "chrf": str(chrf_metric.get_signature())}}
 

@@ -279,3 +279,16 @@ def test_report_distillation_speed_and_claim(tmp_path):
     assert "Direction as in the paper" in md
     student["directions"] = fake_result("x", "dense", 1, base=21.5)["directions"]
     assert "Unlike the paper, the student is not behind" in study_report.render(results, tmp_path)
+
+
+def test_score_reports_length_ratio_and_runaway_hypotheses(tmp_path):
+    (tmp_path / "text").mkdir()
+    refs = ["ein Mann sitzt auf einer Bank .", "zwei Hunde spielen im Schnee .",
+            "eine Frau liest ein Buch ."]
+    (tmp_path / "text" / "test.de").write_text("\n".join(refs) + "\n")
+    hyps = {0: refs[0], 1: " ".join([refs[1]] * 3), 2: refs[2]}
+    got = study.score(hyps, tmp_path, "en-de")
+    words = [len(r.split()) for r in refs]
+    assert got["length_ratio"] == round((words[0] + 3 * words[1] + words[2]) / sum(words), 4)
+    assert got["over_twice_reference"] == round(1 / 3, 4)
+    assert study.score(dict(enumerate(refs)), tmp_path, "en-de")["over_twice_reference"] == 0
