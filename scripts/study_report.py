@@ -534,16 +534,54 @@ def section_balance(groups):
                  "zero-shot avg BLEU", "zero-shot off-target", "top-1 gate weight"], rows))
 
 
+def top2_share(usage_of_layer):
+    """Mean over language pairs of the share of a pair's assignments on its two most used
+    experts: 1.0 when every pair keeps to two experts (task routing, top-2), 2/E when routing
+    ignores the pair."""
+    shares = [sum(sorted(row, reverse=True)[:2]) for row in usage_of_layer.values()]
+    return sum(shares) / len(shares) if shares else None
+
+
+def pair_distance(usage_of_layer):
+    """Mean total-variation distance between two pairs' expert shares: 0 when every pair is
+    routed alike, 1 when no two pairs share an expert."""
+    rows = list(usage_of_layer.values())
+    d = [sum(abs(a - b) for a, b in zip(x, y)) / 2
+         for i, x in enumerate(rows) for y in rows[i + 1:]]
+    return sum(d) / len(d) if d else None
+
+
 def section_heatmaps(results, out_dir: Path):
-    parts = []
+    parts, rows, layers = [], [], []
     for name, r in results.items():
         png = r.get("heatmap")
+        if png and not Path(png).exists():  # recorded on another checkout: same name here
+            png = str(REPO / "docs" / "img" / Path(png).name)
         if png and Path(png).exists():
             rel = os.path.relpath(png, out_dir)
             parts.append(f"### `{name}` ({r['label']})\n\n![{name}]({rel})")
+        usage = r.get("routing_usage_valid") or {}
+        if usage:
+            layers += [l for l in usage if l not in layers]
+            rows.append((name, r["label"], {l: (top2_share(u), pair_distance(u))
+                                            for l, u in usage.items()}))
     intro = ("## Routing heatmaps\n\nShare of each language pair's (token, expert) assignments "
              "per expert, per MoE layer, on the validation set (`scripts/routing_heatmap.py`).")
-    return intro + "\n\n" + ("\n\n".join(parts) if parts else "None yet.")
+    spec = ""
+    if rows:
+        experts = next(iter(results.values()))["config"]["shared_flags"]["--moe-expert-count"]
+        spec = ("\n\nPer layer, two numbers from the same shares: how concentrated each pair's "
+                "routing is (the mean over pairs of the share of its assignments on its two most "
+                f"used experts: 1.00 as task routing with top-2, {2 / experts:.2f} when a pair "
+                "spreads evenly over all experts), and how much it depends on the pair (the mean "
+                "total-variation distance between two pairs' expert shares: 0 when every pair is "
+                "routed alike, 1 when no two pairs share an expert).\n\n" + table(
+                    ["run", "routing", *[f"{l} {m}" for l in layers
+                                         for m in ("top-2 share", "pair distance")]],
+                    [[f"`{n}`", label, *[fmt(x, digits=2) for l in layers
+                                         for x in v.get(l, (None, None))]]
+                     for n, label, v in rows]))
+    return intro + spec + "\n\n" + ("\n\n".join(parts) if parts else "None yet.")
 
 
 def section_reading(results, groups):
@@ -621,6 +659,21 @@ def section_reading(results, groups):
             out.append(f"Unseen-pair routing under lang-pair routing (seed {r['seed']}, zero-shot "
                        "average BLEU): " + ", ".join(f"`{p}` {v:.1f}" for p, v in
                                                     sorted(avgs.items())) + ".")
+    usage = {v: g[0].get("routing_usage_valid") for v, g in groups.items()}
+    if usage.get("sentence_sentence") and usage.get("target_target"):
+        dist = {v: {l: pair_distance(u) for l, u in usage[v].items()}
+                for v in ("sentence_sentence", "target_target")}
+        out.append(
+            "Sentence routing depends on the language pair here (mean distance between two "
+            "pairs' expert shares, seed 1: "
+            + ", ".join(f"{l} {d:.2f}" for l, d in dist["sentence_sentence"].items())
+            + "; target / target " + ", ".join(f"{l} {d:.2f}"
+                                               for l, d in dist["target_target"].items())
+            + "): it acts as a learned task routing, where the paper's sentence routing gained "
+            f"nothing over dense ({PAPER['sentence_sentence'] - PAPER['dense']:+.1f}). "
+            "A likely reason, not tested: under `--encoder-langtok tgt` every source sentence "
+            "starts with its target-language tag, which the pooled sentence representation "
+            "carries to the gate.")
     bal = [(mean[v], v) for v in BALANCE if mean.get(v) is not None]
     if len(bal) >= 2:
         best = max(bal)[1]

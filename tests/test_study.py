@@ -292,3 +292,13 @@ def test_score_reports_length_ratio_and_runaway_hypotheses(tmp_path):
     assert got["length_ratio"] == round((words[0] + 3 * words[1] + words[2]) / sum(words), 4)
     assert got["over_twice_reference"] == round(1 / 3, 4)
     assert study.score(dict(enumerate(refs)), tmp_path, "en-de")["over_twice_reference"] == 0
+
+
+def test_routing_concentration_and_pair_distance():
+    task = {"en-de": [0.5, 0.5, 0, 0], "en-fr": [0, 0, 0.5, 0.5]}
+    alike = {"en-de": [0.25] * 4, "en-fr": [0.25] * 4}
+    assert study_report.top2_share(task) == 1.0 and study_report.top2_share(alike) == 0.5
+    assert study_report.pair_distance(task) == 1.0 and study_report.pair_distance(alike) == 0.0
+    half = {"en-de": [0.5, 0.5, 0, 0], "en-fr": [0.5, 0, 0.5, 0]}
+    assert study_report.pair_distance(half) == 0.5
+    assert study_report.top2_share({}) is None and study_report.pair_distance({"a": [1]}) is None
