@@ -234,6 +234,6 @@ def test_balance_scope_tasks_reaches_task_routed_layers(tiny_data):
             tiny_data, ["--moe-balance-scope", scope, "--encoder-moe-routing", "token"])
         model.eval()
         _, extra = model(**first_batch(task)["net_input"])
-        results[scope] = {name: float(s.balance_loss) for name, s in extra["moe_stats"]}
+        results[scope] = {name: s.balance_loss.item() for name, s in extra["moe_stats"]}
     assert results["tokens"]["enc1"] == results["tasks"]["enc1"]  # token layer: tokens always
     assert results["tokens"]["dec1"] != results["tasks"]["dec1"]
