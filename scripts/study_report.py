@@ -157,23 +157,25 @@ def section_setup(results):
 
 
 def section_status(results, distilled=None):
+    def done(name, r):
+        threads = (r.get("environment") or {}).get("omp_num_threads") or "all (2)"
+        return [f"`{name}`", r["label"], r["seed"], "done", f"{r['budget']['updates_done']:,}",
+                hms(r["wall_seconds"]["training"]), hms(r["wall_seconds"]["evaluation"]),
+                threads]
+
     rows, distilled = [], distilled or {}
     for name, variant, seed in runs():
         r = results.get(name)
-        if r is None:
-            rows.append([f"`{name}`", VARIANTS[variant]["label"], seed, "not yet run",
-                         "–", "–", "–"])
-            continue
-        rows.append([f"`{name}`", r["label"], seed, "done",
-                     f"{r['budget']['updates_done']:,}", hms(r["wall_seconds"]["training"]),
-                     hms(r["wall_seconds"]["evaluation"])])
-    for name, r in sorted(distilled.items()):  # scripts/distill.py's finished students
-        rows.append([f"`{name}`", r["label"], r["seed"], "done",
-                     f"{r['budget']['updates_done']:,}", hms(r["wall_seconds"]["training"]),
-                     hms(r["wall_seconds"]["evaluation"])])
-    return "## Runs\n\n" + table(
-        ["run", "encoder / decoder routing", "seed", "state", "updates", "training time",
-         "evaluation time"], rows)
+        rows.append(done(name, r) if r is not None else
+                    [f"`{name}`", VARIANTS[variant]["label"], seed, "not yet run", "–", "–", "–",
+                     "–"])
+    rows += [done(name, r) for name, r in sorted(distilled.items())]  # scripts/distill.py's
+    return ("## Runs\n\nWall-clock times on this project's 2-core machine. Runs with 1 thread "
+            "(`OMP_NUM_THREADS=1`) trained two to three at a time, each on a share of the cores, "
+            "and runs with all threads often shared them with tests: compare the times as a "
+            "rough cost, not as speeds.\n\n" + table(
+                ["run", "encoder / decoder routing", "seed", "state", "updates", "training time",
+                 "evaluation time", "threads"], rows))
 
 
 def section_table1(groups, distilled=None):
