@@ -512,9 +512,18 @@ def top1_weight(r):
 def balance_settings(v):
     flags = [str(f) for f in VARIANTS[v]["flags"]]
     wt = flags[flags.index("--moe-gate-loss-wt") + 1]
+    # runs recorded before the flag was explicit trained with the then default, tokens
     scope = flags[flags.index("--moe-balance-scope") + 1] if "--moe-balance-scope" in flags \
-        else "tokens (default)"
-    return wt, scope
+        else "tokens"
+    return wt, scope + (" (the plugin's default)" if scope == default_balance_scope() else "")
+
+
+def default_balance_scope():
+    from dataclasses import fields
+
+    from fairseq_taskmoe.config import MoEConfig
+
+    return next(f.default for f in fields(MoEConfig) if f.name == "moe_balance_scope")
 
 
 def section_balance(groups):

@@ -237,3 +237,10 @@ def test_balance_scope_tasks_reaches_task_routed_layers(tiny_data):
         results[scope] = {name: s.balance_loss.item() for name, s in extra["moe_stats"]}
     assert results["tokens"]["enc1"] == results["tasks"]["enc1"]  # token layer: tokens always
     assert results["tokens"]["dec1"] != results["tasks"]["dec1"]
+
+
+def test_task_layers_balance_over_tasks_by_default(tiny_data):
+    args, task, model = build_task_and_model(tiny_data, [])
+    assert args.moe_balance_scope == "tasks"
+    layer = next(m for m in model.modules() if getattr(m, "balance_scope", None))
+    assert layer.balance_scope == "tasks"
