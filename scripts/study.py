@@ -518,7 +518,7 @@ def prune_and_evaluate(args, data, prep, ckpt, pair, eval_dir, full_hyps, timer)
            "identical_hypotheses": hyps == full_hyps,
            "bytes": pruned.stat().st_size,
            "params": count_parameters(model),
-           "params_active_per_token": active_parameters(model, preset_top_k(args)),
+           "params_active_per_token": active_parameters(model, preset_flags(args)["--moe-top-k"]),
            "tokens_per_s": speed,
            "kept_experts": parse_prune_log(prune_log.read_text())}
     write_json(record, out)
@@ -539,8 +539,9 @@ def heatmap(args, data, ckpt, run_name, eval_dir, timer):
     return png, read_json(usage)
 
 
-def preset_top_k(args):
-    return PRESETS[args.preset]["flags"]["--moe-top-k"]
+def preset_flags(args):
+    """The backbone and recipe flags of the run's --preset (SHARED_FLAGS for cpu)."""
+    return PRESETS[args.preset]["flags"]
 
 
 def average(directions, names, key):
@@ -592,8 +593,7 @@ def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
         active = pruned["en-de"]["params_active_per_token"]
         active_how = "parameters of the checkpoint pruned for en-de (taskmoe-prune)"
     else:
-        flags = PRESETS[args.preset]["flags"]
-        top_k, experts = flags["--moe-top-k"], flags["--moe-expert-count"]
+        top_k, experts = (preset_flags(args)[k] for k in ("--moe-top-k", "--moe-expert-count"))
         active = active_parameters(full_model, top_k)
         active_how = (f"total minus {experts - top_k} idle experts per MoE layer"
                       if routing else "dense: every parameter is active")
@@ -645,12 +645,12 @@ def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
     gen_example = on_device(generate_command(data, ckpt, "en-de", beam=BEAM,
                                              langs=",".join(LANGS), pairs=",".join(TRAINED)),
                             args.preset)
-    max_tokens = PRESETS[args.preset]["flags"]["--max-tokens"]
+    max_tokens = preset_flags(args)["--max-tokens"]
     return {
         "run": run_name, "variant": variant, "label": spec["label"], "seed": seed,
         "routing": {"encoder": routing[0], "decoder": routing[1]} if routing else None,
         "task_routed": task_routed,
-        "config": {"shared_flags": dict(PRESETS[args.preset]["flags"]),
+        "config": {"shared_flags": dict(preset_flags(args)),
                    "variant_flags": [str(f) for f in spec["flags"]]},
         "budget": {"max_update": args.max_update, "updates_done": trained["num_updates"],
                    "max_tokens": max_tokens,

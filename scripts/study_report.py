@@ -99,6 +99,11 @@ def avg_value(group, key):
     return get
 
 
+def trained_mean(runs_of_variant):
+    """Mean over seeds of the trained-direction average BLEU (None without runs)."""
+    return stat([avg_value("trained", "bleu")(r) for r in runs_of_variant])[0]
+
+
 def seeds_note(group):
     return ", ".join(str(r["seed"]) for r in group)
 
@@ -180,8 +185,8 @@ def section_status(results, distilled=None):
 
 def section_table1(groups, distilled=None):
     dense = groups.get("dense", [])
-    dense_mean = stat([avg_value("trained", "bleu")(r) for r in dense])[0]
-    token_mean = stat([avg_value("trained", "bleu")(r) for r in groups.get("token_token", [])])[0]
+    dense_mean = trained_mean(dense)
+    token_mean = trained_mean(groups.get("token_token", []))
     rows = []
     for v in MAIN:
         g = groups.get(v, [])
@@ -190,7 +195,7 @@ def section_table1(groups, distilled=None):
             rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
                          "not yet run", "–", "–", "–", "–"])
             continue
-        mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
+        mean = trained_mean(g)
         ours_delta = mean - dense_mean if (mean is not None and dense_mean is not None) else None
         rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
                      cell(g, avg_value("trained", "bleu")), signed(ours_delta),
@@ -202,7 +207,7 @@ def section_table1(groups, distilled=None):
             if v == "distilled":
                 rows.append([label, "–", "–", "not yet run", "–", "–", "–", "–"])
             continue
-        mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
+        mean = trained_mean(g)
         ours_delta = mean - dense_mean if (mean is not None and dense_mean is not None) else None
         rows.append([label, "–", "–", cell(g, avg_value("trained", "bleu")), signed(ours_delta),
                      gain_share(mean, dense_mean, token_mean),
@@ -237,13 +242,12 @@ def pruned_trained_avg(r):
 def section_distillation(groups, distilled):
     """Issue 10: the dense student next to dense, its teacher and the pruned task-MoE."""
     title = "## Distillation baseline\n\n"
-    dense_mean = stat([avg_value("trained", "bleu")(r) for r in groups.get("dense", [])])[0]
-    token_mean = stat([avg_value("trained", "bleu")(r)
-                       for r in groups.get("token_token", [])])[0]
+    dense_mean = trained_mean(groups.get("dense", []))
+    token_mean = trained_mean(groups.get("token_token", []))
     header = ["model", *DIRECTIONS, "trained avg", "zero-shot avg", "gain of token / token kept"]
 
     def plain(g):
-        mean = stat([avg_value("trained", "bleu")(r) for r in g])[0]
+        mean = trained_mean(g)
         return [*[cell(g, direction_value("bleu", p)) for p in DIRECTIONS],
                 cell(g, avg_value("trained", "bleu")), cell(g, avg_value("zero_shot", "bleu")),
                 gain_share(mean, dense_mean, token_mean)]
@@ -361,9 +365,9 @@ PAPER_DISTILLED_KEEPS, PAPER_PRUNED_OVER_STUDENT = 0.32, 2.1
 
 def claim_notes(groups, distilled):
     """The paper's "beyond distillation" claim against the present runs (trained averages)."""
-    mean = {v: stat([avg_value("trained", "bleu")(r) for r in g])[0] for v, g in groups.items()}
+    mean = {v: trained_mean(g) for v, g in groups.items()}
     students = [r for r in distilled.values() if r["variant"] == "distilled"]
-    student = stat([avg_value("trained", "bleu")(r) for r in students])[0]
+    student = trained_mean(students)
     pruned = stat([pruned_trained_avg(r) for r in groups.get(PRUNED, [])])[0]
     dense, token = mean.get("dense"), mean.get("token_token")
     if None in (student, pruned, dense, token) or token <= dense:
@@ -547,8 +551,9 @@ def section_balance(groups):
 
 def top2_share(usage_of_layer):
     """Mean over language pairs of the share of a pair's assignments on its two most used
-    experts: 1.0 when every pair keeps to two experts (task routing, top-2), 2/E when routing
-    ignores the pair."""
+    experts: 1.0 when every pair keeps to two experts (task routing, top-2), 2/E when each pair
+    spreads evenly over all E experts. Concentration only: pair_distance says whether pairs
+    differ."""
     shares = [sum(sorted(row, reverse=True)[:2]) for row in usage_of_layer.values()]
     return sum(shares) / len(shares) if shares else None
 
@@ -610,7 +615,7 @@ def section_reading(results, groups):
                "experts) against the paper's WMT (30 directions, 32 experts, far longer "
                "training): absolute BLEU is not comparable, only the sign and order of the "
                "differences between routings are.")
-    mean = {v: stat([avg_value("trained", "bleu")(r) for r in g])[0] for v, g in groups.items()}
+    mean = {v: trained_mean(g) for v, g in groups.items()}
     zs = {v: stat([avg_value("zero_shot", "bleu")(r) for r in g])[0] for v, g in groups.items()}
     if mean.get("dense") is not None:
         agree, disagree = [], []
@@ -672,13 +677,14 @@ def section_reading(results, groups):
             out.append(f"Unseen-pair routing under lang-pair routing (seed {r['seed']}, zero-shot "
                        "average BLEU): " + ", ".join(f"`{p}` {v:.1f}" for p, v in
                                                     sorted(avgs.items())) + ".")
-    usage = {v: g[0].get("routing_usage_valid") for v, g in groups.items()}
+    first = {v: g[0] for v, g in groups.items()}  # one seed's routing is enough to show it
+    usage = {v: r.get("routing_usage_valid") for v, r in first.items()}
     if usage.get("sentence_sentence") and usage.get("target_target"):
         dist = {v: {l: pair_distance(u) for l, u in usage[v].items()}
                 for v in ("sentence_sentence", "target_target")}
         out.append(
             "Sentence routing depends on the language pair here (mean distance between two "
-            "pairs' expert shares, seed 1: "
+            f"pairs' expert shares, seed {first['sentence_sentence']['seed']}: "
             + ", ".join(f"{l} {d:.2f}" for l, d in dist["sentence_sentence"].items())
             + "; target / target " + ", ".join(f"{l} {d:.2f}"
                                                for l, d in dist["target_target"].items())
