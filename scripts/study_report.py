@@ -24,6 +24,8 @@ from fairseq_taskmoe.atomic import atomic_file  # noqa: E402
 PAPER = {"dense": 20.0, "token_token": 22.6, "sentence_sentence": 19.9,
          "lang_pair_lang_pair": 21.4, "target_target": 22.9, "token_target": 23.6}
 MAIN = list(PAPER)
+# rows of the Table 1 comparison that the paper does not have (balance-loss variants)
+TABLE1_EXTRA = ["target_target_tasks"]
 BALANCE = ["target_target_gl0", "target_target", "target_target_gl0.1", "target_target_tasks"]
 # scripts/distill.py (issue 10): dense students distilled from token / token seed 1
 DISTILLED = {"distilled": "dense student distilled from token / token",
@@ -188,17 +190,17 @@ def section_table1(groups, distilled=None):
     dense_mean = trained_mean(dense)
     token_mean = trained_mean(groups.get("token_token", []))
     rows = []
-    for v in MAIN:
+    for v in MAIN + TABLE1_EXTRA:
         g = groups.get(v, [])
-        paper_delta = PAPER[v] - PAPER["dense"]
+        label = (f"target / target, balance over {balance_settings(v)[1]}" if v in TABLE1_EXTRA
+                 else VARIANTS[v]["label"])
+        paper = (fmt(PAPER[v]), signed(PAPER[v] - PAPER["dense"])) if v in PAPER else ("–", "–")
         if not g:
-            rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
-                         "not yet run", "–", "–", "–", "–"])
+            rows.append([label, *paper, "not yet run", "–", "–", "–", "–"])
             continue
         mean = trained_mean(g)
         ours_delta = mean - dense_mean if (mean is not None and dense_mean is not None) else None
-        rows.append([VARIANTS[v]["label"], fmt(PAPER[v]), signed(paper_delta),
-                     cell(g, avg_value("trained", "bleu")), signed(ours_delta),
+        rows.append([label, *paper, cell(g, avg_value("trained", "bleu")), signed(ours_delta),
                      gain_share(mean, dense_mean, token_mean),
                      cell(g, avg_value("zero_shot", "bleu")), seeds_note(g)])
     for v, label in DISTILLED.items():
@@ -216,7 +218,10 @@ def section_table1(groups, distilled=None):
             "BLEU. Here: Multi30k, the 6 trained directions averaged (and the 6 zero-shot ones), "
             "8 experts. Δ is against the dense model of the same table; ± is half the range over "
             "seeds. \"Gain of token / token kept\" is (BLEU − BLEU dense) / (BLEU token / "
-            "token − BLEU dense) of the trained averages. The dense student "
+            "token − BLEU dense) of the trained averages. The target / target row balances "
+            "the experts over tokens, as every other MoE row does; \"target / target, balance "
+            "over tasks\" is the same model balanced over tasks (not in the paper; section "
+            "\"Balance loss\"). The dense student "
             "(`scripts/distill.py`, section \"Distillation baseline\") is not in the paper's "
             "table.\n\n" + table(
                 ["encoder / decoder routing", "paper BLEU", "paper Δ vs dense",
@@ -384,7 +389,12 @@ def claim_notes(groups, distilled):
         + ("Direction as in the paper: pruning beats distilling at the same active size"
            if pruned > student else "Unlike the paper, the student is not behind")
         + (", but here the task-MoE itself keeps less than all of token-MoE's gain."
-           if keeps["p"] < 0.95 else ".")]
+           if keeps["p"] < 0.95 else ".")] + [
+        f"Balanced over tasks ({VARIANTS[v]['label']}, seed {seeds_note(groups[v])}), the pruned "
+        f"target / target keeps {(p - dense) / (token - dense):.0%} ({p - dense:+.1f} BLEU over "
+        f"dense), {p - student:+.1f} BLEU over the student."
+        for v in TABLE1_EXTRA if groups.get(v)
+        for p in [stat([pruned_trained_avg(r) for r in groups[v]])[0]] if p is not None]
 
 
 def variant_rows(groups, width, cells):

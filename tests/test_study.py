@@ -277,6 +277,14 @@ def test_report_distillation_speed_and_claim(tmp_path):
     assert "the student keeps 25% (+0.5 BLEU over dense)" in md
     assert "the pruned target / target 50% (+1.0), +0.5 BLEU over the student" in md
     assert "Direction as in the paper" in md
+    assert "Balanced over tasks" not in md  # no such run yet
+    results["target_target_tasks-s1"] = fake_result("target_target_tasks-s1",
+                                                    "target_target_tasks", 1, base=22.0)
+    md = study_report.render(results, tmp_path)
+    assert "the pruned target / target keeps 100% (+2.0 BLEU over dense), +1.5 BLEU" in md
+    # its Table 1 row has no paper figures: the paper balances its own way
+    assert "| target / target, balance over tasks (the plugin's default) | – | – | 22.2 | +2.0 " \
+        "| 100% |" in md
     student["directions"] = fake_result("x", "dense", 1, base=21.5)["directions"]
     assert "Unlike the paper, the student is not behind" in study_report.render(results, tmp_path)
 
