@@ -115,7 +115,7 @@ VARIANTS = {
                         routing=("token", "token")),
     "sentence_sentence": dict(label="sentence / sentence", flags=moe("sentence", "sentence"),
                               seeds=(1,), routing=("sentence", "sentence")),
-    "target_target": dict(label="target / target", flags=moe("target", "target"), seeds=(1, 2),
+    "target_target": dict(label="target / target", flags=moe("target", "target"), seeds=(1, 2, 3),
                           routing=("target", "target")),
     "lang_pair_lang_pair": dict(label="lang-pair / lang-pair",
                                 flags=moe("lang_pair", "lang_pair"), seeds=(1,),
@@ -131,7 +131,7 @@ VARIANTS = {
                                 routing=("target", "target")),
     "target_target_tasks": dict(label="target / target, gate loss 0.01 over tasks",
                                 flags=moe("target", "target", 0.01, "tasks"),
-                                seeds=(1, 2), routing=("target", "target"),
+                                seeds=(1, 2, 3), routing=("target", "target"),
                                 needs="moe_balance_scope"),
 }
 TASK_ROUTING = {"target", "lang_pair"}

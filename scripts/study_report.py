@@ -652,7 +652,7 @@ def section_reading(results, groups):
     spreads = {v: stat([avg_value("trained", "bleu")(r) for r in g])[1] for v, g in groups.items()}
     noisy = [(v, s) for v, s in spreads.items() if s is not None]
     if noisy:
-        out.append("Seed noise (half the range of the trained average over two seeds): "
+        out.append("Seed noise (half the range of the trained average over the seeds run): "
                    + ", ".join(f"{VARIANTS[v]['label']} ±{s:.2f}" for v, s in noisy)
                    + ". Differences between models smaller than this are not evidence.")
     checks = [(name, pair, p) for name, r in results.items()

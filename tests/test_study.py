@@ -56,7 +56,7 @@ def test_active_parameters_of_pruned_and_dense_models_is_their_total():
 
 def test_runs_and_selection():
     names = [r[0] for r in study.runs()]
-    assert len(names) == 14 and len(set(names)) == 14
+    assert len(names) == 16 and len(set(names)) == 16
     for v in ("dense", "token_token", "token_target"):
         assert f"{v}-s1" in names and f"{v}-s2" in names
     args = study.parse_args(["--only", "dense,token_target-s2"])
@@ -218,7 +218,7 @@ def test_report_mean_and_spread_over_seeds(tmp_path):
     assert "20.8 ± 0.5" in md  # trained averages 20.25 and 21.25
     assert "dense ±0.50" in md
     empty = study_report.render({}, tmp_path)
-    assert "No run has finished yet." in empty and empty.count("not yet run") == 14
+    assert "No run has finished yet." in empty and empty.count("not yet run") == 16
 
 
 def test_report_unseen_pair_policies(tmp_path):
