@@ -27,6 +27,7 @@ MAIN = list(PAPER)
 # rows of the Table 1 comparison that the paper does not have (balance-loss variants)
 TABLE1_EXTRA = ["target_target_tasks"]
 BALANCE = ["target_target_gl0", "target_target", "target_target_gl0.1", "target_target_tasks"]
+SCOPES = ("target_target", "target_target_tasks")  # weight 0.01 over tokens, over tasks
 # scripts/distill.py (issue 10): dense students distilled from token / token seed 1
 DISTILLED = {"distilled": "dense student distilled from token / token",
              "distilled_random": "dense student distilled from token / token (random init)"}
@@ -523,6 +524,23 @@ def top1_weight(r):
     return sum(ws) / len(ws) if ws else None
 
 
+def scope_reading(scopes):
+    """Balance over tokens against over tasks (target / target, weight 0.01), seed by seed: is
+    the difference of the means larger than the seeds' spread?"""
+    per = {v: [avg_value("trained", "bleu")(r) for r in g] for v, g in scopes.items()}
+    (tok, tok_s), (tas, tas_s) = (stat(per[v]) for v in SCOPES)
+    diff, noise = tas - tok, (tok_s or 0) + (tas_s or 0)
+    seeds = {v: ", ".join(f"{b:.2f}" for b in per[v]) for v in SCOPES}
+    weights = {v: fmt(stat([top1_weight(r) for r in scopes[v]])[0], digits=3) for v in SCOPES}
+    return (f"Balance scope (target / target, weight 0.01, trained average per seed): over "
+            f"tokens {seeds[SCOPES[0]]}, over tasks {seeds[SCOPES[1]]}; means {tok:.2f} and "
+            f"{tas:.2f}, difference {diff:+.2f} BLEU against a summed seed half-range of "
+            f"{noise:.2f}: " + ("larger than the seed noise." if abs(diff) > noise and noise else
+                                "not larger than the seed noise, so not evidence by itself.")
+            + f" Top-1 gate weight {weights[SCOPES[0]]} over tokens, {weights[SCOPES[1]]} over "
+            "tasks (0.5 = a tie).")
+
+
 def balance_settings(v):
     flags = [str(f) for f in VARIANTS[v]["flags"]]
     wt = flags[flags.index("--moe-gate-loss-wt") + 1]
@@ -708,8 +726,12 @@ def section_reading(results, groups):
         best = max(bal)[1]
         wt, scope = balance_settings(best)
         out.append(f"Balance loss: among {len(bal)} finished settings, gate loss weight {wt} "
-                   f"over {scope} has the best trained average ({max(bal)[0]:.1f} BLEU); spread "
+                   + ("(no balance loss)" if float(wt) == 0 else f"over {scope}")
+                   + f" has the best trained average ({max(bal)[0]:.1f} BLEU); spread "
                    f"across settings {max(bal)[0] - min(bal)[0]:.1f} BLEU.")
+    scopes = {v: groups[v] for v in SCOPES if groups.get(v)}
+    if len(scopes) == 2:
+        out.append(scope_reading(scopes))
     if not out:
         out.append("No finished runs yet.")
     return "## Reading\n\n" + "\n".join(f"- {s}" for s in out)

@@ -310,3 +310,18 @@ def test_routing_concentration_and_pair_distance():
     half = {"en-de": [0.5, 0.5, 0, 0], "en-fr": [0.5, 0, 0.5, 0]}
     assert study_report.pair_distance(half) == 0.5
     assert study_report.top2_share({}) is None and study_report.pair_distance({"a": [1]}) is None
+
+
+def test_report_compares_balance_scopes_against_seed_noise(tmp_path):
+    def runs(tok, tasks):
+        return {f"{v}-s{i + 1}": fake_result(f"{v}-s{i + 1}", v, i + 1, base=b)
+                for v, bases in (("target_target", tok), ("target_target_tasks", tasks))
+                for i, b in enumerate(bases)}
+
+    # trained averages are base + 0.25: over tokens 20.25, 21.25; over tasks 22.25, 22.45
+    md = study_report.render(runs((20.0, 21.0), (22.0, 22.2)), tmp_path)
+    assert "over tokens 20.25, 21.25, over tasks 22.25, 22.45" in md
+    assert "difference +1.60 BLEU against a summed seed half-range of 0.60: larger" in md
+    md = study_report.render(runs((20.0, 22.0), (21.5, 22.0)), tmp_path)
+    assert "difference +0.75 BLEU against a summed seed half-range of 1.25: not larger" in md
+    assert "Balance scope" not in study_report.render(runs((20.0,), ()), tmp_path)
