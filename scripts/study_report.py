@@ -787,7 +787,9 @@ def main(argv=None):
     results = load_results(Path(args.results))
     with atomic_file(str(out), "w") as f:
         f.write(render(results, out.parent))
-    print(f"wrote {out} ({len(results)} finished runs of {len(runs())})")
+    done = sum(r["variant"] not in DISTILLED for r in results.values())
+    print(f"wrote {out} ({done} of {len(runs())} study runs finished"
+          f"; distillation runs: {len(results) - done})")
     return 0
 
 
