@@ -379,6 +379,8 @@ def claim_notes(groups, distilled):
     if None in (student, pruned, dense, token) or token <= dense:
         return []
     keeps = {"s": (student - dense) / (token - dense), "p": (pruned - dense) / (token - dense)}
+    extra = {v: stat([pruned_trained_avg(r) for r in groups.get(v, [])])[0] for v in TABLE1_EXTRA}
+    extra = {v: p for v, p in extra.items() if p is not None}
     return [
         f"The paper's claim (WMT, 8 directions): the student keeps "
         f"{PAPER_DISTILLED_KEEPS:.0%} of token-MoE's gain over dense and the extracted task-MoE "
@@ -393,9 +395,7 @@ def claim_notes(groups, distilled):
            if keeps["p"] < 0.95 else ".")] + [
         f"Balanced over tasks ({VARIANTS[v]['label']}, seed {seeds_note(groups[v])}), the pruned "
         f"target / target keeps {(p - dense) / (token - dense):.0%} ({p - dense:+.1f} BLEU over "
-        f"dense), {p - student:+.1f} BLEU over the student."
-        for v in TABLE1_EXTRA if groups.get(v)
-        for p in [stat([pruned_trained_avg(r) for r in groups[v]])[0]] if p is not None]
+        f"dense), {p - student:+.1f} BLEU over the student." for v, p in extra.items()]
 
 
 def variant_rows(groups, width, cells):
