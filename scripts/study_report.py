@@ -544,9 +544,7 @@ def scope_reading(scopes):
 def balance_settings(v):
     flags = [str(f) for f in VARIANTS[v]["flags"]]
     wt = flags[flags.index("--moe-gate-loss-wt") + 1]
-    # runs recorded before the flag was explicit trained with the then default, tokens
-    scope = flags[flags.index("--moe-balance-scope") + 1] if "--moe-balance-scope" in flags \
-        else "tokens"
+    scope = flags[flags.index("--moe-balance-scope") + 1]  # study.moe() always sets it
     return wt, scope + (" (the plugin's default)" if scope == default_balance_scope() else "")
 
 
