@@ -368,6 +368,34 @@ def test_training_setup_checks():
             check_training_setup(_cfg(**changes), 2)
 
 
+
+def test_training_ranks_destroy_their_process_group(tiny_data):
+    """fairseq's distributed_main, as the plugin installs it (teardown.py), destroys the
+    process group once training has returned, and leaves it alone after a failure."""
+    from conftest import parse_train_args
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+
+    def cfg():
+        return convert_namespace_to_omegaconf(parse_train_args(tiny_data, [
+            "--distributed-world-size", "1", "--distributed-rank", "0", "--distributed-no-spawn",
+            "--distributed-backend", "gloo", "--distributed-init-method",
+            f"tcp://127.0.0.1:{free_port()}"]))
+
+    seen = []
+    distributed_utils.call_main(cfg(), lambda cfg: seen.append(dist.is_initialized()))
+    assert seen == [True] and not dist.is_initialized()
+
+    def fail(cfg):
+        raise RuntimeError("training failed")
+
+    with pytest.raises(RuntimeError, match="training failed"):
+        distributed_utils.call_main(cfg(), fail)
+    try:
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--moe-expert-count", "3"], "3 experts cannot be split over 2 ranks"),
