@@ -593,6 +593,24 @@ def pair_distance(usage_of_layer):
     return sum(d) / len(d) if d else None
 
 
+def seeds_phrase(n):
+    return "in 1 seed" if n == 1 else f"over {n} seeds"
+
+
+def span(values, digits=2):
+    """'0.73' for one value (or equal values), '0.04-0.09' for a range."""
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def tag_only_distance(usage_of_layer, source="en"):
+    """pair_distance among the pairs that translate from `source`. Multi30k is 4-way parallel,
+    so those pairs' encoders read the same sentences, which differ only in the target-language
+    tag that `--encoder-langtok tgt` puts first: in an encoder layer, how far the tag alone moves
+    the routing."""
+    return pair_distance({p: u for p, u in usage_of_layer.items() if p.split("-")[0] == source})
+
+
 def section_heatmaps(results, out_dir: Path):
     parts, rows, layers = [], [], []
     for name, r in results.items():
@@ -606,23 +624,32 @@ def section_heatmaps(results, out_dir: Path):
         if usage:
             layers += [l for l in usage if l not in layers]
             rows.append((name, r["label"], {l: (top2_share(u), pair_distance(u))
-                                            for l, u in usage.items()}))
+                                            for l, u in usage.items()},
+                         {l: tag_only_distance(u) for l, u in usage.items()
+                          if l.startswith("enc")}))
     intro = ("## Routing heatmaps\n\nShare of each language pair's (token, expert) assignments "
              "per expert, per MoE layer, on the validation set (`scripts/routing_heatmap.py`).")
     spec = ""
     if rows:
+        enc_layers = [l for l in layers if l.startswith("enc")]
         experts = next(iter(results.values()))["config"]["shared_flags"]["--moe-expert-count"]
         spec = ("\n\nPer layer, two numbers from the same shares: how concentrated each pair's "
                 "routing is (the mean over pairs of the share of its assignments on its two most "
                 f"used experts: 1.00 as task routing with top-2, {2 / experts:.2f} when a pair "
                 "spreads evenly over all experts), and how much it depends on the pair (the mean "
                 "total-variation distance between two pairs' expert shares: 0 when every pair is "
-                "routed alike, 1 when no two pairs share an expert).\n\n" + table(
+                "routed alike, 1 when no two pairs share an expert). For encoder layers, a "
+                "third: the same distance among en-de, en-fr and en-cs only, whose encoders read "
+                "the same English sentences (Multi30k is 4-way parallel) with only the "
+                "target-language tag of `--encoder-langtok tgt` differing, so it is what the tag "
+                "alone does to the routing.\n\n" + table(
                     ["run", "routing", *[f"{l} {m}" for l in layers
-                                         for m in ("top-2 share", "pair distance")]],
+                                         for m in ("top-2 share", "pair distance")],
+                     *[f"{l} tag-only distance" for l in enc_layers]],
                     [[f"`{n}`", label, *[fmt(x, digits=2) for l in layers
-                                         for x in v.get(l, (None, None))]]
-                     for n, label, v in rows]))
+                                         for x in v.get(l, (None, None))],
+                      *[fmt(tag.get(l), digits=2) for l in enc_layers]]
+                     for n, label, v, tag in rows]))
     return intro + spec + "\n\n" + ("\n\n".join(parts) if parts else "None yet.")
 
 
@@ -715,10 +742,19 @@ def section_reading(results, groups):
             + "; target / target " + ", ".join(f"{l} {d:.2f}"
                                                for l, d in dist["target_target"].items())
             + "): it acts as a learned task routing, where the paper's sentence routing gained "
-            f"nothing over dense ({PAPER['sentence_sentence'] - PAPER['dense']:+.1f}). "
-            "A likely reason, not tested: under `--encoder-langtok tgt` every source sentence "
-            "starts with its target-language tag, which the pooled sentence representation "
-            "carries to the gate.")
+            f"nothing over dense ({PAPER['sentence_sentence'] - PAPER['dense']:+.1f}).")
+        tag = {v: [tag_only_distance(u) for r in groups.get(v, [])
+                   for l, u in (r.get("routing_usage_valid") or {}).items() if l.startswith("enc")]
+               for v in ("sentence_sentence", "token_token")}
+        if all(tag.values()):
+            out[-1] += (
+                " The target-language tag is why: en-de, en-fr and en-cs feed the encoder the "
+                "same English sentences (Multi30k is 4-way parallel), differing only in the tag "
+                "that `--encoder-langtok tgt` puts first, and sentence routing's encoder still "
+                f"sends them to different experts (tag-only distance {span(tag['sentence_sentence'])}"
+                f" {seeds_phrase(len(groups['sentence_sentence']))}, against token / token's "
+                f"{span(tag['token_token'])}). The pooled sentence representation carries the tag "
+                "to the gate, so sentence routing learns to route by target language.")
     bal = [(mean[v], v) for v in BALANCE if mean.get(v) is not None]
     if len(bal) >= 2:
         best = max(bal)[1]

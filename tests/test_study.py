@@ -56,8 +56,8 @@ def test_active_parameters_of_pruned_and_dense_models_is_their_total():
 
 def test_runs_and_selection():
     names = [r[0] for r in study.runs()]
-    assert len(names) == 16 and len(set(names)) == 16
-    for v in ("dense", "token_token", "token_target"):
+    assert len(names) == 18 and len(set(names)) == 18
+    for v in ("dense", "token_token", "token_target", "sentence_sentence", "lang_pair_lang_pair"):
         assert f"{v}-s1" in names and f"{v}-s2" in names
     args = study.parse_args(["--only", "dense,token_target-s2"])
     assert [r[0] for r in args.selected] == ["dense-s1", "dense-s2", "token_target-s2"]
@@ -218,7 +218,7 @@ def test_report_mean_and_spread_over_seeds(tmp_path):
     assert "20.8 ± 0.5" in md  # trained averages 20.25 and 21.25
     assert "dense ±0.50" in md
     empty = study_report.render({}, tmp_path)
-    assert "No run has finished yet." in empty and empty.count("not yet run") == 16
+    assert "No run has finished yet." in empty and empty.count("not yet run") == len(study.runs())
 
 
 def test_report_unseen_pair_policies(tmp_path):
@@ -310,6 +310,34 @@ def test_routing_concentration_and_pair_distance():
     half = {"en-de": [0.5, 0.5, 0, 0], "en-fr": [0.5, 0, 0.5, 0]}
     assert study_report.pair_distance(half) == 0.5
     assert study_report.top2_share({}) is None and study_report.pair_distance({"a": [1]}) is None
+
+
+def test_tag_only_distance_compares_the_pairs_from_one_source():
+    usage = {"en-de": [1, 0, 0, 0], "en-fr": [0, 1, 0, 0], "en-cs": [0, 1, 0, 0],
+             "de-en": [0, 0, 1, 0], "fr-en": [0, 0, 0, 1]}
+    assert study_report.tag_only_distance(usage) == pytest.approx(2 / 3)  # 1, 1, 0
+    assert study_report.tag_only_distance(usage, source="de") is None  # one pair only
+    assert study_report.span([0.731]) == "0.73" and study_report.span([0.09, 0.04]) == "0.04-0.09"
+
+
+def test_report_reads_the_tag_only_distance(tmp_path):
+    def run(variant, enc_rows):
+        r = fake_result(f"{variant}-s1", variant, 1)
+        r["routing_usage_valid"] = {"enc1": dict(zip(("en-de", "en-fr", "en-cs", "de-en"),
+                                                     enc_rows)),
+                                    "dec1": {"en-de": [1, 0], "de-en": [0, 1]}}
+        return r
+
+    apart, alike = ([1, 0], [0, 1], [0, 1], [1, 0]), ([0.5, 0.5],) * 4
+    results = {r["run"]: r for r in (run("sentence_sentence", apart),
+                                     run("target_target", apart),
+                                     run("token_token", alike))}
+    md = study_report.render(results, tmp_path)
+    assert "sends them to different experts (tag-only distance 0.67 in 1 seed, against " \
+           "token / token's 0.00)" in md
+    assert "| enc1 tag-only distance |" in md
+    del results["token_token-s1"]  # nothing to compare against: no claim
+    assert "tag-only distance 0.67" not in study_report.render(results, tmp_path)
 
 
 def test_report_compares_balance_scopes_against_seed_noise(tmp_path):
