@@ -124,10 +124,10 @@ VARIANTS = {
                          routing=("token", "target")),
     # balance-loss study on target / target (target_target itself is the 0.01 point)
     "target_target_gl0": dict(label="target / target, gate loss 0",
-                              flags=moe("target", "target", 0), seeds=(1,),
+                              flags=moe("target", "target", 0), seeds=(1, 2),
                               routing=("target", "target")),
     "target_target_gl0.1": dict(label="target / target, gate loss 0.1",
-                                flags=moe("target", "target", 0.1), seeds=(1,),
+                                flags=moe("target", "target", 0.1), seeds=(1, 2),
                                 routing=("target", "target")),
     "target_target_tasks": dict(label="target / target, gate loss 0.01 over tasks",
                                 flags=moe("target", "target", 0.01, "tasks"),

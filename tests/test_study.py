@@ -56,8 +56,9 @@ def test_active_parameters_of_pruned_and_dense_models_is_their_total():
 
 def test_runs_and_selection():
     names = [r[0] for r in study.runs()]
-    assert len(names) == 18 and len(set(names)) == 18
-    for v in ("dense", "token_token", "token_target", "sentence_sentence", "lang_pair_lang_pair"):
+    assert len(names) == 20 and len(set(names)) == 20
+    for v in ("dense", "token_token", "token_target", "sentence_sentence", "lang_pair_lang_pair",
+              "target_target_gl0", "target_target_gl0.1"):
         assert f"{v}-s1" in names and f"{v}-s2" in names
     args = study.parse_args(["--only", "dense,token_target-s2"])
     assert [r[0] for r in args.selected] == ["dense-s1", "dense-s2", "token_target-s2"]
@@ -338,6 +339,28 @@ def test_report_reads_the_tag_only_distance(tmp_path):
     assert "| enc1 tag-only distance |" in md
     del results["token_token-s1"]  # nothing to compare against: no claim
     assert "tag-only distance 0.67" not in study_report.render(results, tmp_path)
+
+
+def test_report_weighs_best_and_zero_shot_against_seed_noise(tmp_path):
+    def runs(variant, bases):
+        out = {f"{variant}-s{i + 1}": fake_result(f"{variant}-s{i + 1}", variant, i + 1, base=b)
+               for i, b in enumerate(bases)}
+        for r in out.values():
+            r["unseen_pairs"] = {"skipped": "skipped: not under test"}
+        return out
+
+    # trained means: lang-pair 21.0 ± 0.5, target 20.6 ± 0.6 (level), token 19.0 ± 0.1 (not)
+    results = {**runs("dense", [18, 18.2]), **runs("lang_pair_lang_pair", [20.5, 21.5]),
+               **runs("target_target", [20, 21.2]), **runs("token_token", [18.9, 19.1])}
+    md = study_report.render(results, tmp_path)
+    assert ("lang-pair / lang-pair (21.2 BLEU), level within seed noise (the summed half-ranges) "
+            "with target / target; among") in md
+    assert "level with it within seed noise (-0.4 BLEU against a summed seed half-range of " \
+           "1.1)" in md
+    # zero-shot: a lead larger than the seeds' spread is stated as one
+    results.update(runs("target_target", [23, 23.2]))
+    md = study_report.render(results, tmp_path)
+    assert "target routing is ahead by 2.1 BLEU, more than the seed noise, as in the paper" in md
 
 
 def test_report_compares_balance_scopes_against_seed_noise(tmp_path):
