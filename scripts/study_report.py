@@ -653,6 +653,15 @@ def section_heatmaps(results, out_dir: Path):
     return intro + spec + "\n\n" + ("\n\n".join(parts) if parts else "None yet.")
 
 
+def level_with(best, others, groups):
+    """The variants among `others` whose trained mean lies within the summed seed half-ranges
+    of `best`'s and theirs (a variant run with one seed adds no spread)."""
+    mean = {v: trained_mean(groups[v]) for v in (best, *others)}
+    spread = {v: stat([avg_value("trained", "bleu")(r) for r in groups[v]])[1] or 0
+              for v in (best, *others)}
+    return [v for v in others if mean[best] - mean[v] <= spread[best] + spread[v]]
+
+
 def section_reading(results, groups):
     """Statements that the present data supports, nothing else."""
     out = []
@@ -688,10 +697,8 @@ def section_reading(results, groups):
         top = ranked[-1][0]
         best = [v for m, v in ranked if top - m < 0.05]  # equal at the precision shown
         paper_best = max((v for _m, v in ranked), key=PAPER.get)
-        spreads = {v: stat([avg_value("trained", "bleu")(r) for r in groups[v]])[1]
-                   for _m, v in ranked}
-        level = [v for m, v in ranked[::-1] if v not in best and v != "dense"
-                 and top - m <= (spreads[best[0]] or 0) + (spreads[v] or 0)]
+        level = level_with(best[0], [v for _m, v in ranked[::-1]
+                                     if v not in best and v != "dense"], groups)
         out.append(f"Best trained average among the finished Table 1 models: "
                    + " and ".join(VARIANTS[v]["label"] for v in best)
                    + f" ({top:.1f} BLEU)"
@@ -780,10 +787,13 @@ def section_reading(results, groups):
     if len(bal) >= 2:
         best = max(bal)[1]
         wt, scope = balance_settings(best)
+        level = level_with(best, [v for _m, v in sorted(bal, reverse=True) if v != best], groups)
         out.append(f"Balance loss: among {len(bal)} finished settings, gate loss weight {wt} "
                    + ("(no balance loss)" if float(wt) == 0 else f"over {scope}")
                    + f" has the best trained average ({max(bal)[0]:.1f} BLEU); spread "
-                   f"across settings {max(bal)[0] - min(bal)[0]:.1f} BLEU.")
+                   f"across settings {max(bal)[0] - min(bal)[0]:.1f} BLEU"
+                   + (f"; level within seed noise with {len(level)} of the other "
+                      f"{len(bal) - 1}" if level else "") + ".")
     scopes = {v: groups[v] for v in SCOPES if groups.get(v)}
     if len(scopes) == 2:
         out.append(scope_reading(scopes))

@@ -361,6 +361,11 @@ def test_report_weighs_best_and_zero_shot_against_seed_noise(tmp_path):
     results.update(runs("target_target", [23, 23.2]))
     md = study_report.render(results, tmp_path)
     assert "target routing is ahead by 2.1 BLEU, more than the seed noise, as in the paper" in md
+    # balance settings: weight 0 (23.25 ± 0.4) is level with 0.01 over tokens (23.35 ± 0.1)
+    results.update(runs("target_target_gl0", [22.6, 23.4]))
+    md = study_report.render(results, tmp_path)
+    assert "gate loss weight 0.01 over tokens has the best trained average (23.4 BLEU); spread " \
+           "across settings 0.1 BLEU; level within seed noise with 1 of the other 1." in md
 
 
 def test_report_compares_balance_scopes_against_seed_noise(tmp_path):
