@@ -111,7 +111,7 @@ def moe(enc, dec, gate_loss_wt=0.01, scope="tokens"):
 # name -> label (encoder / decoder routing), flags, seeds, routing kinds, what the run needs
 VARIANTS = {
     "dense": dict(label="dense", flags=["--moe-freq", 0], seeds=(1, 2), routing=None),
-    "token_token": dict(label="token / token", flags=moe("token", "token"), seeds=(1, 2),
+    "token_token": dict(label="token / token", flags=moe("token", "token"), seeds=(1, 2, 3),
                         routing=("token", "token")),
     "sentence_sentence": dict(label="sentence / sentence", flags=moe("sentence", "sentence"),
                               seeds=(1, 2), routing=("sentence", "sentence")),
@@ -120,7 +120,7 @@ VARIANTS = {
     "lang_pair_lang_pair": dict(label="lang-pair / lang-pair",
                                 flags=moe("lang_pair", "lang_pair"), seeds=(1, 2),
                                 routing=("lang_pair", "lang_pair")),
-    "token_target": dict(label="token / target", flags=moe("token", "target"), seeds=(1, 2),
+    "token_target": dict(label="token / target", flags=moe("token", "target"), seeds=(1, 2, 3),
                          routing=("token", "target")),
     # balance-loss study on target / target (target_target itself is the 0.01 point)
     "target_target_gl0": dict(label="target / target, gate loss 0",

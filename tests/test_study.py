@@ -56,7 +56,7 @@ def test_active_parameters_of_pruned_and_dense_models_is_their_total():
 
 def test_runs_and_selection():
     names = [r[0] for r in study.runs()]
-    assert len(names) == 20 and len(set(names)) == 20
+    assert len(names) == 22 and len(set(names)) == 22
     for v in ("dense", "token_token", "token_target", "sentence_sentence", "lang_pair_lang_pair",
               "target_target_gl0", "target_target_gl0.1"):
         assert f"{v}-s1" in names and f"{v}-s2" in names
