@@ -705,7 +705,7 @@ def section_reading(results, groups):
                    + f" ({top:.1f} BLEU)"
                    + (f", level within seed noise (the summed half-ranges) with "
                       + ", ".join(VARIANTS[v]["label"] for v in level) if level else "")
-                   + f"; among the same models the paper's best is "
+                   + "; among the same models the paper's best is "
                    f"{VARIANTS[paper_best]['label']}.")
     spreads = {v: stat([avg_value("trained", "bleu")(r) for r in g])[1] for v, g in groups.items()}
     noisy = [(v, s) for v, s in spreads.items() if s is not None]
@@ -780,8 +780,9 @@ def section_reading(results, groups):
                 " The target-language tag is why: en-de, en-fr and en-cs feed the encoder the "
                 "same English sentences (Multi30k is 4-way parallel), differing only in the tag "
                 "that `--encoder-langtok tgt` puts first, and sentence routing's encoder still "
-                f"sends them to different experts (tag-only distance {span(tag['sentence_sentence'])}"
-                f" {seeds_phrase(len(groups['sentence_sentence']))}, against token / token's "
+                "sends them to different experts (tag-only distance "
+                f"{span(tag['sentence_sentence'])} {seeds_phrase(len(groups['sentence_sentence']))}"
+                ", against token / token's "
                 f"{span(tag['token_token'])}). The pooled sentence representation carries the tag "
                 "to the gate, so sentence routing learns to route by target language.")
     bal = [(mean[v], v) for v in BALANCE if mean.get(v) is not None]
