@@ -654,13 +654,11 @@ def section_heatmaps(results, out_dir: Path):
     return intro + spec + "\n\n" + ("\n\n".join(parts) if parts else "None yet.")
 
 
-def level_with(best, others, groups):
+def level_with(best, others, mean, spreads):
     """The variants among `others` whose trained mean lies within the summed seed half-ranges
-    of `best`'s and theirs (a variant run with one seed adds no spread)."""
-    mean = {v: trained_mean(groups[v]) for v in (best, *others)}
-    spread = {v: stat([avg_value("trained", "bleu")(r) for r in groups[v]])[1] or 0
-              for v in (best, *others)}
-    return [v for v in others if mean[best] - mean[v] <= spread[best] + spread[v]]
+    of `best`'s and theirs (a variant run with one seed, spread None, adds no spread)."""
+    return [v for v in others
+            if mean[best] - mean[v] <= (spreads[best] or 0) + (spreads[v] or 0)]
 
 
 def section_reading(results, groups):
@@ -679,7 +677,9 @@ def section_reading(results, groups):
                "training): absolute BLEU is not comparable, only the sign and order of the "
                "differences between routings are.")
     mean = {v: trained_mean(g) for v, g in groups.items()}
-    zs = {v: stat([avg_value("zero_shot", "bleu")(r) for r in g])[0] for v, g in groups.items()}
+    spreads = {v: stat([avg_value("trained", "bleu")(r) for r in g])[1] for v, g in groups.items()}
+    zs_stats = {v: stat([avg_value("zero_shot", "bleu")(r) for r in g]) for v, g in groups.items()}
+    zs = {v: m for v, (m, _s) in zs_stats.items()}
     if mean.get("dense") is not None:
         agree, disagree = [], []
         for v in MAIN[1:]:
@@ -699,7 +699,7 @@ def section_reading(results, groups):
         best = [v for m, v in ranked if top - m < 0.05]  # equal at the precision shown
         paper_best = max((v for _m, v in ranked), key=PAPER.get)
         level = level_with(best[0], [v for _m, v in ranked[::-1]
-                                     if v not in best and v != "dense"], groups)
+                                     if v not in best and v != "dense"], mean, spreads)
         out.append(f"Best trained average among the finished Table 1 models: "
                    + " and ".join(VARIANTS[v]["label"] for v in best)
                    + f" ({top:.1f} BLEU)"
@@ -707,7 +707,6 @@ def section_reading(results, groups):
                       + ", ".join(VARIANTS[v]["label"] for v in level) if level else "")
                    + "; among the same models the paper's best is "
                    f"{VARIANTS[paper_best]['label']}.")
-    spreads = {v: stat([avg_value("trained", "bleu")(r) for r in g])[1] for v, g in groups.items()}
     noisy = [(v, s) for v, s in spreads.items() if s is not None]
     if noisy:
         out.append("Seed noise (half the range of the trained average over the seeds run): "
@@ -727,8 +726,7 @@ def section_reading(results, groups):
     if zs.get("target_target") is not None and zs.get("lang_pair_lang_pair") is not None:
         off = {v: stat([avg_value("zero_shot", "off_target")(r) for r in groups[v]])[0]
                for v in ("target_target", "lang_pair_lang_pair")}
-        zs_noise = [stat([avg_value("zero_shot", "bleu")(r) for r in groups[v]])[1]
-                    for v in ("target_target", "lang_pair_lang_pair")]
+        zs_noise = [zs_stats[v][1] for v in ("target_target", "lang_pair_lang_pair")]
         lead = zs["target_target"] - zs["lang_pair_lang_pair"]
         if None in zs_noise:
             verdict = (f"ahead by {lead:.1f} BLEU, as in the paper." if lead > 0 else
@@ -789,7 +787,8 @@ def section_reading(results, groups):
     if len(bal) >= 2:
         best = max(bal)[1]
         wt, scope = balance_settings(best)
-        level = level_with(best, [v for _m, v in sorted(bal, reverse=True) if v != best], groups)
+        level = level_with(best, [v for _m, v in sorted(bal, reverse=True) if v != best], mean,
+                           spreads)
         out.append(f"Balance loss: among {len(bal)} finished settings, gate loss weight {wt} "
                    + ("(no balance loss)" if float(wt) == 0 else f"over {scope}")
                    + f" has the best trained average ({max(bal)[0]:.1f} BLEU); spread "

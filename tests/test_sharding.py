@@ -368,7 +368,6 @@ def test_training_setup_checks():
             check_training_setup(_cfg(**changes), 2)
 
 
-
 def test_training_ranks_destroy_their_process_group(tiny_data):
     """fairseq's distributed_main, as the plugin installs it (teardown.py), destroys the
     process group once training has returned, and leaves it alone after a failure."""
@@ -395,6 +394,7 @@ def test_training_ranks_destroy_their_process_group(tiny_data):
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
