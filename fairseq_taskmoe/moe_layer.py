@@ -69,6 +69,14 @@ class MoELayer(nn.Module):
     def kind(self) -> str:
         return self.router.kind
 
+    def train(self, mode: bool = True):
+        """Every switch of mode (fairseq makes one around each validation batch and each
+        training step) drops the merged FFNs: weights may have changed in between through
+        `p.data`, which no version counter sees (task_merge.py)."""
+        if self.merged is not None:
+            self.merged.clear()
+        return super().train(mode)
+
     def _capacity(self, decision: RoutingDecision) -> Optional[int]:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.kind != "token" or factor is None or factor <= 0:
