@@ -227,3 +227,26 @@ def test_resume_with_reordered_langs_is_refused(tiny_data, trained, tmp_path):
                    check=False)
         assert proc.returncode != 0
         assert "trained with --langs en,de,fr, but this run has --langs de,en,fr" in proc.stderr
+
+
+def test_validation_during_training_uses_the_current_weights(tiny_data, tmp_path):
+    """Issue 19.1 as a user meets it: 9 updates validating every 3; the last logged valid loss
+    must be what fairseq-validate computes on the checkpoint written at that moment (the
+    merged-FFN cache of task-routed layers used to keep the first validation's experts)."""
+    proc = run([BIN / "fairseq-train", tiny_data, "--user-dir", "user_dir", *TASK_FLAGS,
+                "--arch", "task_moe_tiny", "--criterion", "moe_label_smoothed_cross_entropy",
+                "--share-all-embeddings", "--optimizer", "adam", "--lr", "0.01",
+                "--max-tokens", "1500", "--max-update", "9", "--validate-interval-updates", "3",
+                "--save-interval-updates", "3", "--cpu", "--seed", "1", "--save-dir", tmp_path,
+                "--no-epoch-checkpoints", "--log-format", "simple", "--num-workers", "0",
+                "--encoder-moe-routing", "target", "--decoder-moe-routing", "lang_pair"])
+    logged = [float(m) for m in re.findall(r"valid on 'valid' subset \| loss (\S+)",
+                                           proc.stdout + proc.stderr)]
+    assert len(logged) >= 3, proc.stderr[-2000:]
+    assert len(set(logged)) == len(logged)  # it learns: each validation differs
+    check = run([BIN / "fairseq-validate", tiny_data, "--user-dir", "user_dir", *TASK_FLAGS,
+                 "--path", tmp_path / "checkpoint_last.pt", "--max-tokens", "1500", "--cpu",
+                 "--log-format", "simple", "--num-workers", "0"])
+    final = re.findall(r"valid on 'valid' subset \| loss (\S+)",
+                       check.stdout + check.stderr)
+    assert final and float(final[-1]) == pytest.approx(logged[-1], abs=2e-3), (final, logged)
