@@ -13,7 +13,8 @@ from typing import Callable, IO, Iterator
 import torch
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -29,7 +30,7 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Set
@@ -72,25 +73,88 @@ class Found:
 
 
 def find_checkpoint(path: str) -> Optional[Found]:
-    """The checkpoint behind `path` (any of the forms checkpoint_prefix accepts), or None. An
-    existing ordinary file given by its exact name wins; when both layouts exist under one prefix
-    (a save directory reused with another world size) the newer one is taken."""
+    """The checkpoint behind `path` (any of the forms checkpoint_prefix accepts), or None.
+
+    Saving removes the other layout under the same name (other_layout_files), so both exist
+    only in a folder written before that, or assembled by hand. Then the one further in
+    training wins: fairseq's update count, recorded in both (the ordinary file on a tie, and a
+    readable one over an unreadable one). Never the files' modification times: `cp -r` and
+    rsync rewrite them, which would silently swap an older checkpoint in."""
     prefix = checkpoint_prefix(path)
     full, shared = f"{prefix}.pt", shared_path(prefix)
-    if os.path.isfile(path) and path == full and not RANK_FILE.match(path):
-        if not os.path.isfile(shared) or os.path.getmtime(full) >= os.path.getmtime(shared):
-            return Found(prefix, sharded=False)
+    if os.path.isfile(full) and os.path.isfile(shared):
+        updates = {name: _updates_or_none(name) for name in (full, shared)}
+        sharded = (updates[shared] is not None and
+                   (updates[full] is None or updates[shared] > updates[full]))
+        return Found(prefix, sharded=sharded)
     if os.path.isfile(shared):
-        if os.path.isfile(full) and os.path.getmtime(full) > os.path.getmtime(shared):
-            return Found(prefix, sharded=False)
         return Found(prefix, sharded=True)
     if os.path.isfile(full):
         return Found(prefix, sharded=False)
     orphans = sorted(glob.glob(glob.escape(prefix) + "-rank-*.pt"))
     if orphans:
         raise CheckpointError(f"{shared} is missing: {orphans[0]} is one rank's experts only; "
-                              "the shared file (written by rank 0) is needed too")
+                              "the shared file (written by rank 0) is needed too."
+                              + restore_hint(prefix))
     return None
+
+
+def training_updates(state: dict) -> int:
+    """The number of updates fairseq's trainer recorded in a checkpoint (or its shared file);
+    -1 when it recorded none (a pruned or hand-made checkpoint)."""
+    history = state.get("optimizer_history") if isinstance(state, dict) else None
+    if not history or not isinstance(history[-1], dict):
+        return -1
+    return int(history[-1].get("num_updates", -1))
+
+
+def _updates_or_none(path: str) -> Optional[int]:
+    try:
+        return training_updates(_load(path, mmap=True))
+    except CheckpointError:
+        return None
+
+
+def other_layout_files(prefix: str, world_size: int) -> List[str]:
+    """Files under `prefix` that a save of it by `world_size` ranks did not write and that
+    belong to an older save: with W > 1, the ordinary file and rank files W, W+1, ... (a run
+    resumed on fewer ranks); with W = 1 (an ordinary file), the shared file and every rank
+    file. The saving rank deletes them once all ranks have written, so a later load or
+    taskmoe-consolidate never meets them."""
+    stale = []
+    for path in glob.glob(glob.escape(prefix) + "-rank-*.pt"):
+        match = RANK_FILE.match(path)
+        if match and match.group("prefix") == prefix and (
+                world_size == 1 or int(match.group("rank")) >= world_size):
+            stale.append(path)
+    other = f"{prefix}.pt" if world_size > 1 else shared_path(prefix)
+    if os.path.isfile(other):
+        stale.append(other)
+    return sorted(stale)
+
+
+def restore_hint(prefix: str) -> str:
+    """For an error about a broken checkpoint P: the complete checkpoints in P's folder (each
+    checked as a load would check it), most trained first, to resume from instead."""
+    folder = os.path.dirname(prefix) or "."
+    found = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.pt"))):
+        if RANK_FILE.match(path) or checkpoint_prefix(path) == prefix:
+            continue
+        sharded = path.endswith("-shared.pt")
+        try:
+            state = (_read_sharded(checkpoint_prefix(path), wanted_experts=lambda key: False)
+                     if sharded else _load(path, mmap=True))
+        except CheckpointError:
+            continue
+        found.append((training_updates(state), f"{checkpoint_prefix(path)}.pt"
+                      + (" (sharded)" if sharded else "")))
+    if not found:
+        return f" No other complete checkpoint is in {folder}."
+    names = ", ".join(f"{name} ({updates} updates)" if updates >= 0 else name
+                      for updates, name in sorted(found, key=lambda f: -f[0]))
+    return (f" Complete checkpoints to resume from (--restore-file NAME.pt, whatever its "
+            f"layout): {names}.")
 
 
 # --- optimizer state: by position <-> by name -------------------------------------------------
@@ -111,11 +175,19 @@ def optimizer_state_by_name(state: dict, names: Sequence[str]) -> dict:
 
 
 def optimizer_state_by_index(named: dict, names: Sequence[str]) -> dict:
-    """Inverse of optimizer_state_by_name for a model whose parameters are `names`."""
-    missing = [n for n in names if n not in named["state"]]
-    if missing and len(missing) < len(names):  # none at all: an optimizer that keeps no state
-        raise CheckpointError(f"the checkpoint's optimizer state lacks {len(missing)} of the "
-                              f"model's parameters (e.g. {missing[0]}); pass --reset-optimizer")
+    """Inverse of optimizer_state_by_name for a model whose parameters are `names`.
+
+    A parameter without state is normal: torch optimizers create a parameter's state at its
+    first step with a gradient, and with task routing an expert that no task chose never gets
+    one; torch's load_state_dict leaves such a parameter to start fresh, as it would have.
+    What is refused is a state that cannot be numbered for this model: several parameter
+    groups (this module names one group only)."""
+    groups = named.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != 1:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state has "
+            f"{len(groups) if isinstance(groups, list) else 'no'} parameter groups, but a "
+            "sharded checkpoint records one; pass --reset-optimizer")
     state = {k: v for k, v in named.items() if k not in ("state", "param_groups")}
     state["state"] = {i: named["state"][n] for i, n in enumerate(names) if n in named["state"]}
     state["param_groups"] = [dict(named["param_groups"][0], params=list(range(len(names))))]
@@ -184,7 +256,27 @@ def read_sharded(prefix: str, wanted_experts=None, shared_state: Optional[dict] 
     """Check and merge P-shared.pt and every P-rank-{r}.pt into one checkpoint dict whose
     optimizer state is by name. wanted_experts(key) -> bool keeps only some expert parameters
     (re-sharding); every rank file is still checked. shared_state: P-shared.pt already loaded.
-    Raises CheckpointError naming the file."""
+    Raises CheckpointError naming the file and the complete checkpoints to restore from (a
+    crash in the middle of a save leaves a set that is not one save)."""
+    try:
+        return _read_sharded(prefix, wanted_experts, shared_state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}.{restore_hint(prefix)}") from err
+
+
+def _is_stale_rank_file(path: str, save_id: str) -> bool:
+    """A rank file beyond the shared file's world size that another save wrote (a run
+    resumed on fewer ranks in the same folder): never part of this checkpoint, so ignored.
+    One that claims this save (a copied file) is an error instead."""
+    try:
+        part = _load(path, mmap=True)
+    except CheckpointError:
+        return True
+    meta = part.get("sharding") if isinstance(part, dict) else None
+    return not isinstance(meta, dict) or meta.get("save_id") != save_id
+
+
+def _read_sharded(prefix: str, wanted_experts=None, shared_state: Optional[dict] = None) -> dict:
     shared_file = shared_path(prefix)
     if shared_state is None and not os.path.isfile(shared_file):
         raise CheckpointError(f"{shared_file} does not exist (the shared part of a sharded "
@@ -198,7 +290,8 @@ def read_sharded(prefix: str, wanted_experts=None, shared_state: Optional[dict] 
     expected = [rank_path(prefix, r) for r in range(W)]
     present = sorted(glob.glob(glob.escape(prefix) + "-rank-*.pt"))
     extra = [p for p in present if p not in expected and RANK_FILE.match(p)
-             and RANK_FILE.match(p).group("prefix") == prefix]
+             and RANK_FILE.match(p).group("prefix") == prefix
+             and not _is_stale_rank_file(p, meta["save_id"])]
     if extra:
         raise CheckpointError(f"{extra[0]} does not belong to {shared_file}, which was written "
                               f"by {W} ranks (rank files 0..{W - 1}); remove it")
@@ -270,6 +363,28 @@ def load_any(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist (neither a file nor a sharded "
                               f"checkpoint {shared_path(checkpoint_prefix(path))})")
     return consolidate(found.prefix) if found.sharded else _load(found.path)
+
+
+def sharded_path_message(path: str) -> Optional[str]:
+    """For a model path given to fairseq's inference tools (--path, the hub API), which read
+    one file: when it names no file but a sharded checkpoint, the error that says so, with the
+    command that makes one file of it; None otherwise (fairseq's own handling applies)."""
+    if os.path.exists(path):
+        return None
+    try:
+        found = find_checkpoint(path)
+    except CheckpointError as err:  # rank files without the shared file
+        return str(err)
+    if found is None or not found.sharded:
+        return None
+    prefix = found.prefix
+    output = f"{prefix}-consolidated.pt"
+    return (f"{path} is a sharded checkpoint ({os.path.basename(shared_path(prefix))} and "
+            f"{os.path.basename(prefix)}-rank-*.pt, written by fairseq-train with expert "
+            "parallelism); fairseq's inference reads one model file. Consolidate it first:\n"
+            f"  taskmoe-consolidate {shlex.quote(prefix)} --output {shlex.quote(output)}\n"
+            f"then pass --path {shlex.quote(output)} (or make a small checkpoint for one pair "
+            f"with taskmoe-prune {shlex.quote(prefix)} ...)")
 
 
 def copy_atomically(src: str, dst: str):

@@ -69,8 +69,28 @@ class _TorchWithPickleLoad:
         return torch.load(f, *args, **kwargs)
 
 
+def fairseq_expectations():
+    """What this module relies on in fairseq (fairseq_guard.py): the placeholder class that
+    broadcast_object pickles, and the `torch` name checkpoint_utils loads with (replaced under
+    TASKMOE_TRUST_CHECKPOINTS=1)."""
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
+
+    from .fairseq_guard import Expect
+
+    return [
+        Expect(distributed_utils, "distributed_utils", "_TensorPlaceholder", "attribute"),
+        Expect(checkpoint_utils, "checkpoint_utils", "torch", "attribute"),
+        Expect(checkpoint_utils.load_checkpoint_to_cpu, "checkpoint_utils.load_checkpoint_to_cpu",
+               "", "uses", ("torch", "load")),
+    ]
+
+
 def allow_fairseq_checkpoint_types():
     """Let weights_only loading read fairseq checkpoints (see the module docstring)."""
+    from .fairseq_guard import require
+
+    require(fairseq_expectations(), "compat")
     torch.serialization.add_safe_globals(safe_globals())
     if trust_all_pickles():
         from fairseq import checkpoint_utils

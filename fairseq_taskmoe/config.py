@@ -58,7 +58,10 @@ class MoEConfig(FairseqDataclass):
                   "holds E/W experts of every MoE layer and tokens travel to their expert's "
                   "rank by all-to-all (needs --ddp-backend legacy_ddp and --moe-expert-count "
                   "divisible by W; checkpoints are written per rank, see taskmoe-consolidate); "
-                  "off: every rank holds all experts (data parallelism over replicated experts)"},
+                  "off: every rank holds all experts (data parallelism over replicated experts). "
+                  "Only the model fairseq-train builds with --task translation_task_moe is "
+                  "sharded: a model loaded from a checkpoint (generation, validation, the hub "
+                  "interface) holds all experts in any process group"},
     )
     moe_record_a2a_time: bool = field(
         default=False,

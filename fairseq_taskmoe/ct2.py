@@ -18,6 +18,8 @@ import json
 import os
 from typing import List, Optional, Sequence, Union
 
+from .pairs import serves  # plain Python: the rule taskmoe-prune and -export use
+
 CONVENTION_FILE = "taskmoe_export.json"  # same name as export.CONVENTION_FILE (no fairseq here)
 
 
@@ -57,9 +59,10 @@ class CT2Translator:
         language (a target-routed export serves any source language into its target)."""
         conv = self.convention
         if source_lang is not None:
-            pair = f"{source_lang}-{self.target_lang}"
-            if not any(s in (pair, f"*-{self.target_lang}", "*-*") for s in conv["serves"]):
-                raise ValueError(f"this model serves {', '.join(conv['serves'])}, not {pair}")
+            if not serves(conv["serves"], source_lang, self.target_lang):
+                raise ValueError(
+                    f"this model serves {', '.join(conv['serves'])}, not "
+                    f"{source_lang}-{self.target_lang}: export that pair with taskmoe-export")
         if source_lang is None or conv["encoder_langtok"] != "src":
             return list(conv["source_prefix"])
         return [conv["lang_tok_format"].format(source_lang)]

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .config import MoEConfig
+from .pairs import served_pairs, serves
 from .pruning import model_args, parse_pairs, prune_checkpoint
 from .routing import TASK_ROUTING_KINDS, TaskIds
 
@@ -68,8 +69,9 @@ class DenseExport:
     model: state dict in fairseq `transformer` naming, every FFN at its own width
     (`{side}.layers.{i}.fc1.weight` [F_i, C], `fc2.weight` [C, F_i]); args: the source model's
     namespace (task-MoE options included); task: the source task's options (a dict);
-    ffn_dims: {"encoder": [F_0, F_1, ...], "decoder": [...]}; served: what the pruned
-    checkpoint serves (e.g. ["*-de"] with target routing).
+    ffn_dims: {"encoder": [F_0, F_1, ...], "decoder": [...]}; served: what the export serves
+    (pairs.served_pairs of its layers for this one pair: ["*-de"] with target routing, ["en-de"]
+    when a layer is lang_pair-routed, even if the pruned input served more pairs).
     """
 
     model: Dict[str, Tensor]
@@ -140,10 +142,12 @@ def extract_dense(state: dict, pair: str) -> DenseExport:
         kept_whole = [n for n in moe_layers if n not in layout.get("layers", {})]
         if kept_whole:
             _refuse_input_routed(kept_whole, moe_layers, moe, pair)
-    served = layout.get("served_pairs", ["*-*"]) if layout else ["*-*"]
-    if not any(s in (pair, f"*-{tgt}", "*-*") for s in served):
-        raise ExportError(f"this pruned checkpoint serves only {', '.join(served)}, not {pair}; "
-                          f"export from the full checkpoint, or prune it for {pair}")
+    pruned_for = layout.get("served_pairs", ["*-*"]) if layout else ["*-*"]
+    if not serves(pruned_for, src, tgt):
+        raise ExportError(f"this pruned checkpoint serves only {', '.join(pruned_for)}, not "
+                          f"{pair}; export from the full checkpoint, or prune it for {pair}")
+    # the export holds this pair's FFNs only, whatever else the pruned checkpoint served
+    served = served_pairs(moe_layers.values(), [(src, tgt)])
     task_ids = TaskIds(torch.tensor([moe.langs.index(src)]), torch.tensor([moe.langs.index(tgt)]),
                        len(moe.langs))
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .config import MODEL_NAME, MoEConfig
 from .experts import merge_ffns
+from .pairs import served_pairs
 from .routing import TASK_ROUTING_KINDS, TaskIds, num_task_ids, task_logit_table, top_k_route
 
 _EXPERT_KEY = re.compile(r"^experts\.experts\.(\d+)\.(fc[12]\.(?:weight|bias))$")
@@ -58,6 +59,12 @@ class PruneReport:
 
 def model_args(state: dict):
     """The model's argparse namespace in a fairseq checkpoint, or PruningError."""
+    if isinstance(state, dict) and isinstance(state.get("sharding"), dict):
+        raise PruningError(
+            "this is one file of a sharded checkpoint (P-shared.pt or P-rank-R.pt, written by "
+            f"{state['sharding'].get('world_size', 'several')} expert-parallel ranks), not a "
+            "whole model: give taskmoe-prune / taskmoe-export its prefix P (or any of its "
+            "files), which they consolidate, or make one file of it with taskmoe-consolidate P")
     cfg = state.get("cfg") if isinstance(state, dict) else None
     args = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
     if args is None:
@@ -257,11 +264,8 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True,
             f"{moe.moe_freq}); only target/lang_pair routed layers have a per-task sub-network"
         )
     # what the checkpoint serves depends on its pruned layers only: token- and sentence-routed
-    # layers are whole and serve any pair
-    if {r.routing for r in reports if r.action == "pruned"} == {"target"}:
-        served = sorted({f"*-{t}" for _, t in pairs})  # any source routes the same
-    else:
-        served = [f"{s}-{t}" for s, t in pairs]
+    # layers are whole and serve any pair (pairs.served_pairs: the rule export and ct2 share)
+    served = served_pairs([r.routing for r in reports if r.action == "pruned"], pairs)
     pruned = {k: v for k, v in state.items() if k not in ("model", "cfg", "args",
                                                          "last_optimizer_state")}
     extra = state.get("extra_state")

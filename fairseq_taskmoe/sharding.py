@@ -16,10 +16,15 @@ first, then tokens) in a small autograd Function, the same primitive fairscale's
 (and fairseq's BASE layers) wrap; it runs on NCCL for GPUs and gloo for CPU processes.
 
 Every rank must run every MoE layer the same number of times in the same order (training and
-validation do; generation on several ranks does not, so serve a consolidated checkpoint).
+validation do; generation on several ranks does not). So only a model built to be trained shards
+its experts (`expert_parallel_build`, entered by translation_task_moe when fairseq-train builds
+the model): a model built to load a checkpoint into (fairseq-generate, -interactive, -validate,
+the hub interface, in a process group or not) holds every expert and loads any checkpoint.
 """
 
+import contextlib
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -56,9 +61,6 @@ class ExpertShard:
     @property
     def local_experts(self) -> range:
         return range(self.rank * self.local_count, (self.rank + 1) * self.local_count)
-
-    def owner(self, expert: int) -> int:
-        return expert // self.local_count
 
 
 class CommTimer:
@@ -114,8 +116,8 @@ class ShardedExpertFFNs(nn.Module):
     Holds the L experts of `shard.local_experts` under their global indices (state-dict keys
     `experts.{e}.fc1.weight`, as in ExpertFFNs), so the union of all ranks' state dicts is the
     single-process one. Their parameters are marked `expert = True`: fairseq's legacy_ddp then
-    does not average their gradients and fairseq's gradient clipping uses only shared ones for
-    the norm.
+    does not average their gradients, and the gradient norm counts each of them once over all
+    ranks (grad_norm_with_experts, installed in place of fairseq's clip_grad_norm_).
 
     Every expert is built, in order, and the non-local ones dropped at once: the random
     initialisation then consumes the RNG exactly as the single-process model does, so with the
@@ -156,23 +158,90 @@ class ShardedExpertFFNs(nn.Module):
         received = AllToAllV.apply(grouped, send, recv, self.group, self.timer)  # [R, C]
         chunks = list(received.split(recv_counts))  # W * L chunks, source-major
         # 3. each local expert runs once on its tokens from all sources
-        outputs: List[Tensor] = list(chunks)  # empty chunks stay as they are
+        dtype = exchange_dtype(grouped)  # one dtype on every rank, whichever experts are idle
+        outputs: List[Tensor] = [chunk.to(dtype) for chunk in chunks]  # empty ones stay empty
         for j, expert in enumerate(self.experts.values()):
             index = [s * L + j for s in range(W)]
             sizes = [recv_counts[i] for i in index]
             if sum(sizes) == 0:  # an expert without tokens costs nothing
                 continue
-            out = expert(torch.cat([chunks[i] for i in index]))  # [n_j, C]
+            out = expert(torch.cat([chunks[i] for i in index])).to(dtype)  # [n_j, C]
             for i, piece in zip(index, out.split(sizes)):
                 outputs[i] = piece
         # 4. outputs back to the ranks the tokens came from, in their original order
         return AllToAllV.apply(torch.cat(outputs), recv, send, self.group, self.timer)  # [A, C]
 
 
+def exchange_dtype(grouped: Tensor) -> torch.dtype:
+    """The dtype expert outputs travel back in. Under autocast an expert computes in the
+    autocast dtype (fp16 / bf16), but a rank whose experts received no tokens computes nothing:
+    left alone it would send float32 chunks while the others send fp16, and the all-to-all
+    breaks (gloo: "Received data size doesn't match expected size"; NCCL: a hang or corrupt
+    rows). So every rank decides it by the same rule: the autocast dtype when autocast is on for
+    the tokens' device, else the tokens' own dtype (--fp16 without autocast: fp16 everywhere)."""
+    device = grouped.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return grouped.dtype
+
+
+_EXPERT_PARALLEL_BUILD: ContextVar[bool] = ContextVar("taskmoe_expert_parallel_build",
+                                                      default=False)
+
+
+@contextlib.contextmanager
+def expert_parallel_build(enabled: bool = True):
+    """Models built inside `with expert_parallel_build():` shard their experts over the process
+    group (expert_shard); built anywhere else, they hold every expert. translation_task_moe
+    enters it when fairseq builds a model to train it (fairseq-train's `task.build_model(cfg)`),
+    not when fairseq builds one to load a checkpoint into (`checkpoint_utils.
+    load_model_ensemble_and_task` passes `from_checkpoint=True`: fairseq-generate, -interactive,
+    -validate, the hub interface), so inference in a multi-process job loads ordinary
+    checkpoints as on one process."""
+    token = _EXPERT_PARALLEL_BUILD.set(enabled)
+    try:
+        yield
+    finally:
+        _EXPERT_PARALLEL_BUILD.reset(token)
+
+
+def grad_norm_with_experts(params: Sequence[Tensor], group=None) -> Tensor:
+    """The L2 norm of the gradient of the whole model, sharded experts included: the same
+    number on every rank, and non-finite on every rank when any rank's gradient is.
+
+    Parameters marked `expert` (this rank's experts; fairseq's BASE layers mark theirs alike)
+    are held by one rank each, so each rank adds the squares of its own experts' gradients and
+    an all-reduce sums them over the ranks (`group`: the ranks the experts are sharded over,
+    None = all); every other gradient is the same on all ranks after the data-parallel
+    all-reduce and counts once. This is what the norm over a single process holding every
+    expert computes (up to summation order), so --clip-norm clips sharded training as it clips
+    replicated training, and an fp16 overflow in any expert is an overflow everywhere. Every
+    rank must call it (the all-reduce), as the trainer does once per step."""
+    params = [p for p in params if p is not None]
+    with_grad = [p for p in params if getattr(p, "grad", None) is not None]
+    device = (with_grad[0].grad.device if with_grad else
+              params[0].device if params else torch.device("cpu"))
+
+    def squares(grads) -> Tensor:  # fp32 sum of squares, as fairseq computes its norms
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            total += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) ** 2
+        return total
+
+    shared_sq = squares(p.grad for p in with_grad if not hasattr(p, "expert"))
+    expert_sq = squares(p.grad for p in with_grad if hasattr(p, "expert"))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(expert_sq, group=group)  # each expert lives on one rank: a sum
+    return (shared_sq + expert_sq).sqrt()
+
+
 def expert_shard(num_experts: int, mode: str) -> Optional[ExpertShard]:
-    """This process's shard of an E-expert layer, or None for the local path (mode "off", no
-    process group, or world size 1). Raises when E is not divisible by the world size."""
-    if mode == "off" or not dist.is_available() or not dist.is_initialized():
+    """This process's shard of an E-expert layer, or None for the local path (mode "off", a
+    build outside expert_parallel_build, no process group, or world size 1). Raises when E is
+    not divisible by the world size."""
+    if mode == "off" or not _EXPERT_PARALLEL_BUILD.get():
+        return None
+    if not dist.is_available() or not dist.is_initialized():
         return None
     world_size = dist.get_world_size()
     if world_size == 1:

@@ -17,6 +17,9 @@ from fairseq.data.multilingual.multilingual_data_manager import MultilingualData
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from .pairs import serves
+from .sharding import expert_parallel_build
+
 logger = logging.getLogger(__name__)
 
 TASK_NAME = "translation_task_moe"
@@ -128,8 +131,13 @@ class TranslationTaskMoE(TranslationMultiSimpleEpochTask):
         return super().inference_step(generator, models, sample, prefix_tokens, constraints)
 
     def build_model(self, args, from_checkpoint=False):
+        """fairseq-train builds the model to train it (from_checkpoint False): with W > 1 ranks
+        its experts are sharded. fairseq's checkpoint loading (generate, interactive, validate,
+        the hub interface) passes from_checkpoint=True: whole experts, which load any
+        checkpoint in any process group (sharding.expert_parallel_build)."""
         check_pruned_serves(args, self.args.source_lang, self.args.target_lang)
-        model = super().build_model(args, from_checkpoint)
+        with expert_parallel_build(enabled=not from_checkpoint):
+            model = super().build_model(args, from_checkpoint)
         if "src_lang_idx" not in inspect.signature(model.forward).parameters:
             raise ValueError(
                 f"--task {TASK_NAME} gives every batch per-row language ids, which model "
@@ -146,7 +154,7 @@ def check_pruned_serves(model_args, source_lang, target_lang):
         return
     served = json.loads(layout)["served_pairs"]
     pair = f"{source_lang}-{target_lang}"
-    if not any(pair == s or s == f"*-{target_lang}" for s in served):
+    if not serves(served, source_lang, target_lang):
         raise ValueError(
             f"this pruned checkpoint serves only {', '.join(served)}; it cannot translate {pair}. "
             "Use the full checkpoint, or prune for that pair with taskmoe-prune --lang-pair "

@@ -33,7 +33,23 @@ def _destroying(distributed_main):
     return wrapped
 
 
+def fairseq_expectations():
+    """What this module relies on in fairseq (fairseq_guard.py): distributed_main, which
+    call_main looks up in its module when it runs (so the wrapper is what runs)."""
+    from .fairseq_guard import Expect
+
+    return [
+        Expect(distributed_utils, "distributed_utils", "distributed_main", "function",
+               ("i", "main", "cfg", "kwargs")),
+        Expect(distributed_utils.call_main, "distributed_utils.call_main", "", "uses",
+               ("distributed_main",)),
+    ]
+
+
 def install():
     """Make fairseq's distributed ranks destroy their process group after training."""
+    from .fairseq_guard import require
+
+    require(fairseq_expectations(), "teardown")
     if not getattr(distributed_utils.distributed_main, "destroys_process_group", False):
         distributed_utils.distributed_main = _destroying(distributed_utils.distributed_main)

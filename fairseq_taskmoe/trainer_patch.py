@@ -16,6 +16,14 @@ off`, dense or pruned models). For a model with sharded experts (sharding.Sharde
   `a2a_ms` per step, as measured on rank 0;
 - checkpoints: every rank writes its experts to `checkpoint_X-rank-{r}.pt`, rank 0 the rest to
   `checkpoint_X-shared.pt`; loading re-shards (checkpoints.py).
+
+For every model, checkpoints (world size 1 included): fairseq's copies to checkpoint_last/best
+are atomic; once all ranks have saved, what an older save on another number of ranks left
+under the names just written is deleted (the other layout, rank files beyond W); a resume
+decides --finetune-from-model's "first launch" once, from either layout; a failed load lists
+the complete checkpoints to resume from; fairseq's inference given a sharded checkpoint's name
+says to consolidate it. What all these patches rely on in fairseq is checked at install
+(fairseq_guard.py).
 """
 
 import contextlib
@@ -26,6 +34,8 @@ import os
 import time
 import uuid
 
+import torch
+import torch.distributed as dist
 from fairseq import checkpoint_utils, metrics, utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.trainer import Trainer
@@ -33,18 +43,14 @@ from omegaconf import open_dict
 
 from . import checkpoints as ckpt
 from .atomic import write_atomically
-from .sharding import sharded_layers
+from .sharding import grad_norm_with_experts, sharded_layers
 
 logger = logging.getLogger(__name__)
 
 
-def expert_world_size(model) -> int:
-    """W of a model's sharded experts; 1 when it has none."""
-    layers = sharded_layers(model)
-    return layers[0][1].shard.world_size if layers else 1
-
-
 def _trainer_world_size(trainer) -> int:
+    """W of the trainer's model's sharded experts (its layers, found once in __init__); 1 when
+    it has none."""
     layers = getattr(trainer, "_taskmoe_layers", None)
     return layers[0][1].shard.world_size if layers else 1
 
@@ -89,7 +95,7 @@ def _patched_init(original):
     @functools.wraps(original)
     def __init__(self, cfg, task, model, criterion, *args, **kwargs):
         self._taskmoe_layers = sharded_layers(model)  # fixed for the trainer's life
-        world_size = expert_world_size(model)
+        world_size = _trainer_world_size(self)
         if world_size > 1:
             check_training_setup(cfg, world_size)
             scale_expert_grads(model, world_size)
@@ -97,6 +103,32 @@ def _patched_init(original):
                         f"rank holds 1/{world_size} of their experts")
         original(self, cfg, task, model, criterion, *args, **kwargs)
     return __init__
+
+
+def _patched_clip_grad_norm_(original):
+    """fairseq.utils.clip_grad_norm_, which every fairseq optimizer calls (plain, fp16, memory-
+    efficient fp16, AMP), leaves parameters marked `expert` out of the norm and only scales
+    them. With sharded experts the norm must count them, once over all ranks: otherwise
+    --clip-norm clips sharded training differently from replicated training, and an fp16
+    overflow in an expert gradient goes undetected (the step is taken, the expert becomes NaN).
+    sharding.grad_norm_with_experts computes that norm; clipping is fairseq's."""
+    @functools.wraps(original)
+    def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
+        params = [params] if torch.is_tensor(params) else list(params)
+        sharded = any(hasattr(p, "expert") for p in params)
+        if not sharded or not (dist.is_available() and dist.is_initialized()):
+            return original(params, max_norm, aggregate_norm_fn)
+        if aggregate_norm_fn is not None:  # FSDP: refused with sharded experts at start-up
+            raise ValueError("sharded experts cannot be combined with a norm aggregated by "
+                             "the trainer (FSDP)")
+        total_norm = grad_norm_with_experts(params)
+        if max_norm > 0:
+            clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp_(max=1)
+            grads = [p.grad.detach() for p in params if getattr(p, "grad", None) is not None]
+            torch._foreach_mul_(grads, clip_coef)
+        return total_norm
+    clip_grad_norm_.counts_experts = True
+    return clip_grad_norm_
 
 
 def _patched_train_step(original):
@@ -160,23 +192,45 @@ def _patched_save_checkpoint(original):
 
 
 class _CopySharedToo:
-    """fairseq's checkpoint_utils.PathManager while it saves a sharded checkpoint: when it copies
-    rank 0's file to another name (checkpoint_best, checkpoint_last, ...), rank 0 copies the
-    shared file along. Everything else is forwarded."""
+    """fairseq's checkpoint_utils.PathManager while it saves a checkpoint. fairseq writes the
+    first name and copies it to the others (checkpoint_best, checkpoint_last, ...) with a plain
+    copy, which a crash can leave half-written: local copies are made atomic (temporary name,
+    rename). When rank 0 copies its rank file, it copies the shared file along. The names
+    copied to are recorded (`copied`) for the clean-up after the save. Everything else is
+    forwarded."""
 
     def __init__(self, path_manager):
         self._pm = path_manager
+        self.copied = []
 
     def __getattr__(self, name):
         return getattr(self._pm, name)
 
     def copy(self, src, dst, overwrite=False):
-        ok = self._pm.copy(src, dst, overwrite=overwrite)
+        if os.path.isfile(src) and (overwrite or not os.path.exists(dst)):
+            ckpt.copy_atomically(src, dst)
+            ok = True
+        else:  # a remote path (or a refused overwrite): fairseq's own copy decides
+            ok = self._pm.copy(src, dst, overwrite=overwrite)
         match = ckpt.RANK_FILE.match(src)
         if ok and match and match.group("rank") == "0":
             ckpt.copy_atomically(ckpt.shared_path(match.group("prefix")),
                                  ckpt.shared_path(ckpt.checkpoint_prefix(dst)))
+        if ok:
+            self.copied.append(dst)
         return ok
+
+
+def _remove_other_layouts(saved_names, world_size: int):
+    """After every rank has saved: delete what an older save left under the names just
+    written (checkpoints.other_layout_files), e.g. checkpoint_last-rank-{2,3}.pt of a 4-rank
+    save after a resume on 2 ranks, or checkpoint_last.pt of a one-process save."""
+    for prefix in sorted({ckpt.checkpoint_prefix(name) for name in saved_names}):
+        for stale in ckpt.other_layout_files(prefix, world_size):
+            logger.info(f"removing {stale}: left by an older save of {prefix} on another "
+                        "number of ranks")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
 
 
 def _remove_orphan_shared_files(save_dir: str):
@@ -190,15 +244,18 @@ def _remove_orphan_shared_files(save_dir: str):
 def _patched_checkpoint_utils_save(original):
     @functools.wraps(original)
     def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
-        if _trainer_world_size(trainer) == 1:
-            return original(cfg, trainer, epoch_itr, val_loss)
+        world_size = _trainer_world_size(trainer)
         path_manager = checkpoint_utils.PathManager
-        checkpoint_utils.PathManager = _CopySharedToo(path_manager)
+        copies = checkpoint_utils.PathManager = _CopySharedToo(path_manager)
         try:
             saved = original(cfg, trainer, epoch_itr, val_loss)
         finally:
             checkpoint_utils.PathManager = path_manager
-        if trainer.data_parallel_rank == 0 and not cfg.no_save:
+        if saved is not None and world_size > 1:  # every rank saves: wait for all rank files
+            torch.distributed.barrier(group=trainer.data_parallel_process_group)
+        if saved is not None and trainer.data_parallel_rank == 0:
+            _remove_other_layouts([saved] + copies.copied, world_size)
+        if world_size > 1 and trainer.data_parallel_rank == 0 and not cfg.no_save:
             _remove_orphan_shared_files(cfg.save_dir)
         return saved
     # fairseq keeps the best score on the function object it calls, i.e. on this one now
@@ -278,7 +335,12 @@ def _patched_load_checkpoint(original):
         read = checkpoint_utils.load_checkpoint_to_cpu
 
         def load_to_cpu(path, *a, **kw):
-            return state_for_model(found, read(path, *a, **kw), model, reset_optimizer,
+            try:
+                state = read(path, *a, **kw)
+            except Exception as err:  # a truncated file: say what else there is
+                raise ckpt.CheckpointError(f"cannot read {path} ({type(err).__name__}: {err})."
+                                           + ckpt.restore_hint(found.prefix)) from err
+            return state_for_model(found, state, model, reset_optimizer,
                                    self.data_parallel_world_size)
 
         checkpoint_utils.load_checkpoint_to_cpu = load_to_cpu
@@ -288,6 +350,60 @@ def _patched_load_checkpoint(original):
         finally:
             checkpoint_utils.load_checkpoint_to_cpu = read
     return load_checkpoint
+
+
+def last_checkpoint_exists(save_dir: str, suffix: str = "") -> bool:
+    """Whether `save_dir` holds checkpoint_last in either layout (ordinary, or sharded by any
+    number of ranks). Raises CheckpointError for a broken one (rank files without the shared
+    file): that is a run to repair, not a first launch."""
+    return ckpt.find_checkpoint(os.path.join(save_dir, f"checkpoint_last{suffix}.pt")) is not None
+
+
+def _patched_checkpoint_utils_load(original):
+    """fairseq decides whether a run with --finetune-from-model (or --continue-once) is its
+    first launch from `checkpoint_last{suffix}.pt`, per rank, with the rank's suffix: a fine-tune
+    resumed on another world size (or layout) would restart from the pretrained model on some
+    or all ranks. Decided here once, on rank 0, from either layout, and sent to every rank;
+    when the run is resumed fairseq is shown no --finetune-from-model, so it takes its ordinary
+    resume path (the trainer's load re-shards whatever layout it finds)."""
+    @functools.wraps(original)
+    def load_checkpoint(cfg, trainer, **passthrough_args):
+        once = cfg.finetune_from_model is not None or getattr(cfg, "continue_once", None)
+        refused = cfg.finetune_from_model is not None and (
+            cfg.reset_optimizer or cfg.reset_lr_scheduler or cfg.reset_meters
+            or cfg.reset_dataloader)
+        if not once or refused or cfg.restore_file != "checkpoint_last.pt":
+            return original(cfg, trainer, **passthrough_args)  # incl. fairseq's own errors
+        resumed = (last_checkpoint_exists(cfg.save_dir, cfg.checkpoint_suffix or "")
+                   if trainer.data_parallel_rank == 0 else None)
+        if trainer.data_parallel_world_size > 1:
+            resumed = distributed_utils.broadcast_object(
+                resumed, src_rank=0, group=trainer.data_parallel_process_group,
+                dist_device=trainer.device)
+        if not resumed:  # no rank's file exists either: fairseq's per-rank test agrees
+            return original(cfg, trainer, **passthrough_args)
+        logger.info(f"{os.path.join(cfg.save_dir, 'checkpoint_last.pt')} exists: resuming this "
+                    "run from it on every rank (not from --finetune-from-model/--continue-once)")
+        with contextlib.ExitStack() as stack:
+            for name in ("finetune_from_model", "continue_once"):
+                if getattr(cfg, name, None) is not None:
+                    stack.enter_context(_temporarily(cfg, name, None))
+            return original(cfg, trainer, **passthrough_args)
+    return load_checkpoint
+
+
+def _patched_load_model_ensemble_and_task(original):
+    """fairseq-generate, fairseq-interactive, fairseq-validate and the hub API read a model
+    file with this function; given a sharded checkpoint's name it would say only "Model file
+    not found". Say what it is and how to make one file of it."""
+    @functools.wraps(original)
+    def load_model_ensemble_and_task(filenames, *args, **kwargs):
+        for filename in filenames:
+            message = ckpt.sharded_path_message(filename)
+            if message:
+                raise IOError(message)
+        return original(filenames, *args, **kwargs)
+    return load_model_ensemble_and_task
 
 
 def _suffix_property(original):
@@ -305,8 +421,61 @@ def _save_on_rank_property(original):
     return property(should_save_checkpoint_on_current_rank)
 
 
+def fairseq_expectations():
+    """What the patches in this module rely on in fairseq (fairseq_guard.py)."""
+    from fairseq.dataclass.configs import CheckpointConfig
+    from fairseq.optim.fairseq_optimizer import FairseqOptimizer
+
+    from .fairseq_guard import Expect
+
+    T, cu, du = Trainer, checkpoint_utils, distributed_utils
+    return [
+        Expect(T, "Trainer", "__init__", "function", ("self", "cfg", "task", "model", "criterion")),
+        Expect(T, "Trainer", "train_step", "function", ("self", "samples")),
+        Expect(T, "Trainer", "save_checkpoint", "function", ("self", "filename", "extra_state")),
+        Expect(T, "Trainer", "load_checkpoint", "function",
+               ("self", "filename", "reset_optimizer")),
+        Expect(T.load_checkpoint, "Trainer.load_checkpoint", "", "uses",
+               ("load_checkpoint_to_cpu", "load_checkpoint_on_all_dp_ranks")),
+        Expect(T, "Trainer", "checkpoint_suffix", "property"),
+        Expect(T, "Trainer", "should_save_checkpoint_on_current_rank", "property"),
+        Expect(T, "Trainer", "data_parallel_rank", "property"),
+        Expect(T, "Trainer", "data_parallel_world_size", "property"),
+        Expect(T, "Trainer", "data_parallel_process_group", "property"),
+        Expect(T, "Trainer", "get_model", "function", ("self",)),
+        Expect(T, "Trainer", "state_dict", "function", ("self",)),
+        Expect(cu, "checkpoint_utils", "save_checkpoint", "function",
+               ("cfg", "trainer", "epoch_itr", "val_loss")),
+        Expect(cu.save_checkpoint, "checkpoint_utils.save_checkpoint", "", "uses",
+               ("PathManager", "copy", "checkpoint_suffix")),
+        Expect(cu, "checkpoint_utils", "load_checkpoint", "function", ("cfg", "trainer")),
+        Expect(cu.load_checkpoint, "checkpoint_utils.load_checkpoint", "", "uses",
+               ("finetune_from_model", "restore_file", "checkpoint_suffix")),
+        Expect(cu, "checkpoint_utils", "load_checkpoint_to_cpu", "function", ("path",)),
+        Expect(cu, "checkpoint_utils", "load_model_ensemble_and_task", "function",
+               ("filenames",)),
+        Expect(cu.load_model_ensemble, "checkpoint_utils.load_model_ensemble", "", "uses",
+               ("load_model_ensemble_and_task",)),
+        Expect(cu, "checkpoint_utils", "PathManager", "attribute"),
+        Expect(du, "distributed_utils", "broadcast_object", "function",
+               ("obj", "src_rank", "group", "dist_device")),
+        Expect(utils, "utils", "clip_grad_norm_", "function",
+               ("params", "max_norm", "aggregate_norm_fn")),
+        Expect(FairseqOptimizer.clip_grad_norm, "FairseqOptimizer.clip_grad_norm", "", "uses",
+               ("clip_grad_norm_",)),
+        *[Expect(CheckpointConfig, "CheckpointConfig", name, "field") for name in (
+            "load_checkpoint_on_all_dp_ranks", "finetune_from_model", "restore_file",
+            "save_dir", "checkpoint_suffix", "reset_optimizer", "reset_lr_scheduler",
+            "reset_meters", "reset_dataloader", "no_save")],
+    ]
+
+
 def install():
-    """Patch fairseq's Trainer once (the plugin may be imported several times)."""
+    """Patch fairseq's Trainer once (the plugin may be imported several times), after checking
+    that this fairseq has what the patches rely on."""
+    from .fairseq_guard import require
+
+    require(fairseq_expectations(), "trainer_patch")
     if getattr(Trainer, "_taskmoe_patched", False):
         return
     Trainer.__init__ = _patched_init(Trainer.__init__)
@@ -318,4 +487,9 @@ def install():
         Trainer.should_save_checkpoint_on_current_rank)
     checkpoint_utils.save_checkpoint = _patched_checkpoint_utils_save(
         checkpoint_utils.save_checkpoint)
+    utils.clip_grad_norm_ = _patched_clip_grad_norm_(utils.clip_grad_norm_)
+    checkpoint_utils.load_checkpoint = _patched_checkpoint_utils_load(
+        checkpoint_utils.load_checkpoint)
+    checkpoint_utils.load_model_ensemble_and_task = _patched_load_model_ensemble_and_task(
+        checkpoint_utils.load_model_ensemble_and_task)
     Trainer._taskmoe_patched = True

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -94,3 +95,47 @@ def test_pads_are_not_routed_and_get_zero_ffn_output():
     x2[3:, 1] = 1e3
     y2, _ = moe(x2, pad)
     torch.testing.assert_close(y, y2)
+
+
+def _split_all_experts(experts, grouped, group_sizes):
+    """The former ExpertFFNs.forward: split into all E groups, run the non-empty ones."""
+    outputs = [expert(chunk) for expert, chunk in zip(experts.experts, grouped.split(group_sizes))
+               if chunk.size(0) > 0]
+    return torch.cat(outputs, dim=0) if outputs else grouped.new_zeros(grouped.shape)
+
+
+def test_experts_visit_only_groups_with_tokens_with_identical_outputs_and_gradients():
+    """A task-routed batch sends every token to k of E experts: only those run, and outputs and
+    gradients (input and expert weights) are bit-identical to splitting all E groups."""
+    torch.manual_seed(0)
+    E = 32
+    experts = _experts(E=E)
+    ran = []
+    for e, expert in enumerate(experts.experts):
+        expert.register_forward_pre_hook(lambda module, args, e=e: ran.append(e))
+    for sizes in ([0] * 5 + [7] + [0] * 20 + [4] + [0] * 5,  # one task: 2 experts, 11 rows
+                  [1] * E,  # every expert
+                  [3] + [0] * (E - 2) + [2],  # the first and the last
+                  [0] * E):  # nothing routed (all pads)
+        x = torch.randn(sum(sizes), 6)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ran.clear()
+        got = experts(x1, sizes)
+        assert ran == [e for e, n in enumerate(sizes) if n]
+        want = _split_all_experts(experts, x2, sizes)
+        assert torch.equal(got, want)
+        if not got.requires_grad:  # nothing routed: no expert ran
+            continue
+        proj = torch.randn_like(got)
+        grads_got = torch.autograd.grad((got * proj).sum(), [x1, *experts.parameters()],
+                                        allow_unused=True)
+        grads_want = torch.autograd.grad((want * proj).sum(), [x2, *experts.parameters()],
+                                         allow_unused=True)
+        for a, b in zip(grads_got, grads_want):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_experts_refuse_group_sizes_that_do_not_cover_the_rows():
+    experts = _experts(E=4)
+    with pytest.raises(ValueError, match="group sizes sum to 3, but 5 rows were dispatched"):
+        experts(torch.randn(5, 6), [1, 0, 2, 0])

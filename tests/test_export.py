@@ -264,3 +264,121 @@ def test_refusals_name_the_problem_and_write_nothing(tiny_data, trained, tmp_pat
     assert not (ct2 / "old").exists() and (ct2 / "model.bin").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], "no temporary file or folder left behind"
+
+
+# --- what an export serves (pairs.py), and sharded inputs ------------------------------------
+
+def test_served_pairs_and_serves_are_the_one_rule():
+    from fairseq_taskmoe.pairs import served_pairs, serves
+
+    # any lang_pair-routed layer: exactly the pairs its experts were kept for
+    assert served_pairs(["lang_pair", "target"], ["en-de", "fr-de", "en-de"]) == ["en-de", "fr-de"]
+    assert served_pairs(["target", "lang_pair"], [("en", "de")]) == ["en-de"]
+    # target-routed layers only (token / sentence layers are whole): any source into the targets
+    assert served_pairs(["token", "target"], [("fr", "de"), ("en", "fr"), ("en", "de")]) == \
+        ["*-de", "*-fr"]
+    # no task-routed layer: any pair
+    assert served_pairs(["token", "sentence"], ["en-de"]) == served_pairs([], ["en-de"]) == ["*-*"]
+    assert serves(["en-de"], "en", "de") and not serves(["en-de"], "fr", "de")
+    assert serves(["*-de"], "fr", "de") and not serves(["*-de"], "de", "fr")
+    assert serves(["*-*"], "fr", "en") and not serves([], "en", "de")
+    with pytest.raises(ValueError, match="write it as SRC-TGT"):
+        served_pairs(["target"], ["ende"])
+
+
+@pytest.mark.parametrize("routing,pruned_serves,en_de_serves", [
+    (("lang_pair", "target"), ["en-de", "fr-de"], ["en-de"]),
+    (("target", "target"), ["*-de"], ["*-de"]),
+])
+def test_an_export_serves_only_what_its_experts_serve(tiny_data, tmp_path, routing,
+                                                       pruned_serves, en_de_serves):
+    """A lang_pair checkpoint pruned for en-de and fr-de, exported for en-de, holds en-de's
+    experts only: the export records en-de, and the CTranslate2 API refuses fr-de. Target
+    routing keeps serving any source into de."""
+    pytest.importorskip("ctranslate2")
+    from fairseq_taskmoe.ct2 import load_ct2_translator
+    from fairseq_taskmoe.export import export_info, extract_dense
+    from fairseq_taskmoe.pruning import prune_checkpoint
+
+    args, _, model = build_task_and_model(
+        tiny_data, ["--encoder-moe-routing", routing[0], "--decoder-moe-routing", routing[1],
+                    "--moe-unseen-pairs", "own_row"])  # fr-de routed by its own gate row
+    if routing[0] == "lang_pair":  # en-de -> experts 0, 1; fr-de -> 2, 3: merged, one FFN each
+        with torch.no_grad():
+            rows = model.encoder.layers[1].ffn.router.wg.weight  # [pair id, E]
+            for src, experts in (("en", [0, 1]), ("fr", [2, 3])):
+                pair_id = LANGS.index(src) * len(LANGS) + LANGS.index("de")
+                rows[pair_id] = torch.tensor([-5.0] * 4).index_fill(0, torch.tensor(experts), 5)
+    pruned, report = prune_checkpoint(checkpoint_of(args, model), "en-de,fr-de",
+                                      allow_untrained=True)
+    assert report.served_pairs == pruned_serves
+    en_de, fr_de = extract_dense(pruned, "en-de"), extract_dense(pruned, "fr-de")
+    assert en_de.served == export_info(en_de)["serves"] == en_de_serves
+    assert fr_de.served == [s.replace("en-", "fr-") for s in en_de_serves]
+    if "lang_pair" in routing:  # the two pairs' FFNs differ: en-de's cannot answer fr-de
+        assert any(not torch.equal(en_de.model[k], fr_de.model[k]) for k in en_de.model)
+
+    torch.save(pruned, tmp_path / "pruned.pt")
+    out = tmp_path / "en-de.ct2"
+    code, err = export(tmp_path / "pruned.pt", "--lang-pair", "en-de", "--format",
+                       "ctranslate2", "--output", out, "--data", tiny_data)
+    assert code == 0, err
+    mt = load_ct2_translator(out, intra_threads=1)
+    assert mt.convention["serves"] == en_de_serves
+    assert mt.source_prefix("en") == ["__de__"]
+    if en_de_serves == ["en-de"]:
+        with pytest.raises(ValueError, match="this model serves en-de, not fr-de"):
+            mt.translate("f1 f2", source_lang="fr")
+    else:
+        assert mt.source_prefix("fr") == ["__de__"]  # --encoder-langtok tgt: the target's tag
+
+
+def _save_sharded(state: dict, prefix: str, world_size: int = 2):
+    """`state` (a one-process checkpoint) as a W-rank expert-parallel run saves it: rank r's
+    experts in P-rank-r.pt, the rest in P-shared.pt (checkpoints.split_checkpoint)."""
+    import re
+
+    from fairseq_taskmoe.checkpoints import rank_path, shared_path, split_checkpoint
+
+    expert = re.compile(r"\.ffn\.experts\.experts\.(\d+)\.")
+    model = state["model"]
+    experts = [k for k in model if expert.search(k)]
+    count = 1 + max(int(expert.search(k).group(1)) for k in experts)
+    for rank in range(world_size):
+        mine = {k for k in experts
+                if int(expert.search(k).group(1)) // (count // world_size) == rank}
+        local = dict(state, model={k: v for k, v in model.items()
+                                   if k not in experts or k in mine})
+        part, shared = split_checkpoint(local, [], mine, list(model), experts, rank,
+                                        world_size, "one-save")
+        torch.save(part, rank_path(prefix, rank))
+        if rank == 0:
+            torch.save(shared, shared_path(prefix))
+
+
+def test_export_reads_sharded_checkpoints_as_taskmoe_prune_does(tiny_data, tmp_path):
+    from fairseq_taskmoe.cli.prune import main as prune_main
+    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.export import extract_dense
+    from fairseq_taskmoe.pruning import PruningError, prune_checkpoint
+
+    args, _, model = build_task_and_model(tiny_data, [])  # target / target, 4 experts
+    state = checkpoint_of(args, model)
+    prefix = tmp_path / "checkpoint_last"
+    _save_sharded(state, str(prefix))
+    want = extract_dense(state, PAIR).model
+    for i, given in enumerate([prefix, f"{prefix}-shared.pt", f"{prefix}-rank-1.pt"]):
+        out = tmp_path / f"export{i}.pt"
+        code, err = export(given, "--lang-pair", PAIR, "--format", "fairseq", "-o", out)
+        assert code == 0, err
+        exported = load_weights_only(out)["model"]
+        for key, value in want.items():  # FFNs zero-padded to one width per side
+            assert torch.equal(exported[key][tuple(slice(0, n) for n in value.shape)], value)
+        assert prune_main([str(given), "--lang-pair", PAIR, "--output",
+                           str(tmp_path / f"pruned{i}.pt")]) == 0  # what taskmoe-prune takes
+    # one file of the set, read by hand and given to the Python API: a clear error
+    for api in (lambda s: extract_dense(s, PAIR), lambda s: prune_checkpoint(s, PAIR)):
+        with pytest.raises(PruningError, match="one file of a sharded checkpoint"):
+            api(load_checkpoint(f"{prefix}-shared.pt"))
+    _fails([tmp_path / "nothing", "--lang-pair", PAIR, "--format", "fairseq", "-o",
+            tmp_path / "x.pt"], "does not exist")

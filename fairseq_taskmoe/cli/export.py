@@ -4,6 +4,8 @@
         --output en-de.transformer.pt
     taskmoe-export checkpoints/checkpoint_best.pt --lang-pair en-de --format ctranslate2 \\
         --data data-bin --spm-model spm.model --quantization int8 --output en-de.ct2
+    taskmoe-export checkpoints/checkpoint_last --lang-pair en-de --format fairseq \\
+        --output en-de.transformer.pt  # sharded (expert-parallel) checkpoint, by its prefix
 """
 
 import argparse
@@ -13,7 +15,8 @@ import shutil
 import sys
 import tempfile
 
-from ..atomic import write_atomically
+from ..atomic import current_umask, write_atomically
+from ..checkpoints import CheckpointError, find_checkpoint, load_any
 from ..compat import load_checkpoint
 from ..export import (CONVENTION_FILE, DenseExport, ExportError, export_info, extract_dense,
                       fairseq_flags, language_convention, to_ctranslate2,
@@ -35,7 +38,10 @@ def build_parser():
         "--user-dir), or a CTranslate2 model. Every MoE layer must be task-routed (target or "
         "lang_pair): token- and sentence-routed layers have no dense equivalent.",
     )
-    parser.add_argument("checkpoint", help="task-MoE checkpoint (fairseq-train or taskmoe-prune)")
+    parser.add_argument("checkpoint", help="task-MoE checkpoint (fairseq-train or taskmoe-prune), "
+                        "or the prefix (or any file) of a sharded one, as taskmoe-prune takes it "
+                        "(e.g. checkpoints/checkpoint_last for checkpoint_last-shared.pt + "
+                        "checkpoint_last-rank-*.pt)")
     parser.add_argument("--lang-pair", required=True, metavar="SRC-TGT",
                         help="the one pair to export, e.g. en-de")
     parser.add_argument("--format", required=True, choices=("fairseq", "ctranslate2"),
@@ -57,8 +63,6 @@ def build_parser():
 
 
 def _check_paths(args):
-    if not os.path.isfile(args.checkpoint):
-        raise ExportError(f"checkpoint {args.checkpoint} does not exist")
     if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
         raise ExportError("--output must differ from the input checkpoint")
     if os.path.lexists(args.output) and not args.force:
@@ -114,7 +118,7 @@ def write_ctranslate2(dense: DenseExport, args, source: str):
             info["spm_model"] = "spm.model"
         with open(os.path.join(tmp, CONVENTION_FILE), "w") as f:
             json.dump(info, f, indent=2)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
         if os.path.lexists(args.output):  # --force: move the old one aside, then drop it
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output)}.old.", dir=parent)
             os.replace(args.output, os.path.join(old, "x"))
@@ -129,21 +133,26 @@ def write_ctranslate2(dense: DenseExport, args, source: str):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def read_checkpoint(path: str) -> dict:
+    """What taskmoe-prune reads (checkpoints.load_any): an ordinary checkpoint file, or a
+    sharded one given by its prefix or any of its files (P-shared.pt, P-rank-R.pt), consolidated
+    in memory; also a single file under another name (model.bin). ExportError otherwise."""
+    try:
+        if find_checkpoint(path) is None and os.path.isfile(path):  # a file not named *.pt
+            return load_checkpoint(path)
+        return load_any(path)  # CheckpointError naming the files when there is none
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
+    except Exception as err:  # truncated zip, not a pickle, ...
+        raise ExportError(f"cannot read {path} ({type(err).__name__}: {err}); is it a complete "
+                          "fairseq checkpoint?") from err
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         _check_paths(args)
-        try:
-            state = load_checkpoint(args.checkpoint)
-        except Exception as err:  # truncated zip, not a pickle, ...
-            raise ExportError(f"cannot read {args.checkpoint} ({type(err).__name__}: {err}); "
-                              "is it a complete fairseq checkpoint?") from err
+        state = read_checkpoint(args.checkpoint)
         dense = extract_dense(state, args.lang_pair)
         if args.format == "fairseq":
             write_atomically(to_fairseq_transformer(dense), args.output)

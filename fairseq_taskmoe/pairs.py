@@ -1,0 +1,58 @@
+"""Which language pairs a pruned or exported task-MoE serves, and whether it serves a pair: the
+one rule used by taskmoe-prune (what a pruned checkpoint records), the plugin's start-up check
+(task.py), taskmoe-export (what an export records) and the CTranslate2 API (ct2.py). Plain
+Python that imports nothing, so that ct2.py (and a translation service) can use it without torch
+or fairseq.
+
+A served entry is `SRC-TGT` (that pair), `*-TGT` (any source language into TGT) or `*-*` (any
+pair). What a model serves follows from how its task-specific MoE layers route:
+
+- a `lang_pair`-routed layer keeps the experts of the exact pairs it was pruned (or exported)
+  for: any such layer -> exactly those pairs (`en-de` and `fr-de` are different tasks);
+- a `target`-routed layer keeps those of the target languages, whatever the source: only such
+  layers -> `*-TGT` for each target;
+- token- and sentence-routed layers and dense FFNs are whole and serve any pair: no task-routed
+  layer -> `*-*`.
+
+    served_pairs(["target", "lang_pair"], ["en-de", "fr-de"])   # ['en-de', 'fr-de']
+    served_pairs(["token", "target"], [("en", "de")])            # ['*-de']
+    serves(["*-de"], "fr", "de")                                 # True
+"""
+
+from typing import Iterable, List, Tuple, Union
+
+TARGET, LANG_PAIR = "target", "lang_pair"  # the task-routed kinds (routing.TASK_ROUTING_KINDS)
+ANY = "*"
+
+Pair = Union[str, Tuple[str, str]]  # "en-de" or ("en", "de")
+
+
+def split_pair(pair: Pair) -> Tuple[str, str]:
+    """'en-de' or ('en', 'de') -> ('en', 'de'); ValueError for anything else."""
+    if isinstance(pair, str):
+        src, sep, tgt = pair.partition("-")
+    else:
+        src, tgt = pair
+        sep = "-"
+    if not sep or not src or not tgt:
+        raise ValueError(f"bad language pair {pair!r}: write it as SRC-TGT, e.g. en-de")
+    return src, tgt
+
+
+def served_pairs(kinds: Iterable[str], pairs: Iterable[Pair]) -> List[str]:
+    """What a model serves whose MoE layers route by `kinds` (one routing kind per layer, in any
+    order; token and sentence are ignored: those layers are whole) and whose task-routed layers
+    hold the experts of `pairs`: the exact pairs (in order, without repeats) if any layer is
+    lang_pair-routed, else `*-TGT` per target (sorted) if any is target-routed, else `*-*`."""
+    kinds = set(kinds)
+    pairs = [split_pair(p) for p in pairs]
+    if LANG_PAIR in kinds:
+        return list(dict.fromkeys(f"{src}-{tgt}" for src, tgt in pairs))
+    if TARGET in kinds:
+        return sorted({f"{ANY}-{tgt}" for _, tgt in pairs})
+    return [f"{ANY}-{ANY}"]
+
+
+def serves(served: Iterable[str], src: str, tgt: str) -> bool:
+    """Whether a model that serves `served` (a list from served_pairs) translates src -> tgt."""
+    return any(entry in (f"{src}-{tgt}", f"{ANY}-{tgt}", f"{ANY}-{ANY}") for entry in served)
