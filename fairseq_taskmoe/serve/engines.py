@@ -1,0 +1,115 @@
+"""Translation engines behind the server: one loaded sub-network, translating a batch of texts.
+
+Both wrap the project's own Python APIs: `ct2.CT2Translator` (a CTranslate2 export) and
+`hub.load_translator` (fairseq's GeneratorHubInterface on a pruned or whole checkpoint). Each
+`translate` call is ONE batch call of the engine (the batcher decides what goes in it) and returns
+the n best hypotheses of every text.
+
+Inputs longer than the model's source positions are never cut: `max_input_tokens` is what the
+caller must check (`text.split_to_fit`, with Service.count_tokens), and the engine is told not to truncate
+(CTranslate2's `max_input_length=0`; fairseq raises on an over-long input).
+"""
+
+import threading
+from argparse import Namespace
+from typing import List, Sequence
+
+
+class CT2Engine:
+    """A CTranslate2 export. Threads, not processes: CTranslate2 is not fork-safe."""
+
+    backend = "ctranslate2"
+
+    def __init__(self, model_dir: str, threads: int = 1, max_source_positions: int = 1024):
+        from ..ct2 import CT2Translator
+
+        self.mt = CT2Translator(model_dir, intra_threads=threads)
+        self.max_input_tokens = max_source_positions - 2  # language token and </s>
+        # fairseq-generate's default output bound (max_len_b 200), not CTranslate2's 256
+        self.max_output_tokens = 200
+
+    def group_key(self, src: str, tgt: str):
+        """Requests with equal keys can share one engine call: only `--encoder-langtok src`
+        makes the source language part of the input."""
+        return tuple(self.mt.source_prefix(src)), tgt
+
+    def translate(self, texts: Sequence[str], src: str, tgt: str, beam: int,
+                  nbest: int = 1) -> List[List[str]]:
+        if not texts:
+            return []
+        prefix = self.mt.source_prefix(src)
+        target_prefix = list(self.mt.convention["target_prefix"])
+        results = self.mt.translator.translate_batch(
+            [prefix + self.mt.encode(t) for t in texts],
+            target_prefix=[target_prefix] * len(texts) if target_prefix else None,
+            beam_size=max(beam, nbest), num_hypotheses=nbest, max_input_length=0,
+            max_decoding_length=self.max_output_tokens + len(target_prefix))
+        return [[self.mt.decode(h[len(target_prefix):]) for h in r.hypotheses] for r in results]
+
+
+class FairseqEngine:
+    """A fairseq checkpoint (pruned, or whole when its layers cannot be pruned) through the
+    project's hub interface. fairseq's multilingual task is built for one direction (it loads
+    the dictionaries and language tokens of --source-lang / --target-lang), so each direction
+    gets its own task and hub interface around the SAME loaded model: one copy of the weights
+    serves every pair of the sub-network (`*-de`: en-de and fr-de)."""
+
+    backend = "fairseq"
+
+    def __init__(self, checkpoint: str, data: str, spm_model: str, pair):
+        from fairseq import utils
+
+        from ..hub import load_translator
+
+        first = load_translator(checkpoint, data=data, spm_model=spm_model,
+                                source_lang=pair[0], target_lang=pair[1])
+        first.eval()
+        self.hubs = {tuple(pair): first}
+        self.lock = threading.Lock()
+        positions = utils.resolve_max_positions(first.task.max_positions(),
+                                                *[m.max_positions() for m in first.models])
+        src_positions = positions[0] if isinstance(positions, tuple) else positions
+        self.max_input_tokens = int(src_positions) - 2  # language token and </s>
+
+    def _hub(self, src: str, tgt: str):
+        """The hub interface of one direction, sharing the first one's model."""
+        hub = self.hubs.get((src, tgt))
+        if hub is None:
+            import copy
+
+            from fairseq import tasks
+            from omegaconf import open_dict
+
+            from ..hub import TaskMoEHubInterface
+
+            first = next(iter(self.hubs.values()))
+            cfg = copy.deepcopy(first.cfg)
+            with open_dict(cfg):
+                # a legacy task's cfg.task is an argparse Namespace that deepcopy of the
+                # DictConfig keeps BY REFERENCE: copy it, or every direction would rewrite the
+                # first one's languages (KeyError on its dictionaries when it is used again)
+                if isinstance(cfg.task, Namespace):
+                    cfg.task = Namespace(**vars(cfg.task))
+                cfg.task.source_lang, cfg.task.target_lang = src, tgt
+            hub = TaskMoEHubInterface(cfg, tasks.setup_task(cfg.task), list(first.models))
+            hub.bpe, hub.tokenizer = first.bpe, first.tokenizer
+            hub.eval()
+            self.hubs[(src, tgt)] = hub
+        return hub
+
+    def group_key(self, src: str, tgt: str):
+        return src, tgt
+
+    def param_bytes(self) -> int:
+        first = next(iter(self.hubs.values()))
+        return sum(p.numel() * p.element_size() for m in first.models for p in m.parameters())
+
+    def translate(self, texts: Sequence[str], src: str, tgt: str, beam: int,
+                  nbest: int = 1) -> List[List[str]]:
+        if not texts:
+            return []
+        with self.lock:
+            hub = self._hub(src, tgt)
+            tokens = [hub.encode(t) for t in texts]
+            batched = hub.generate(tokens, beam=max(beam, nbest), nbest=nbest)
+            return [[hub.decode(h["tokens"]) for h in hypos[:nbest]] for hypos in batched]
