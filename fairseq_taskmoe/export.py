@@ -34,13 +34,18 @@ Axis legend: C model dim, F FFN inner dim.
 import argparse
 import copy
 import io
+import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .atomic import current_umask
 from .config import MoEConfig
 from .pairs import served_pairs, serves
 from .pruning import model_args, parse_pairs, prune_checkpoint
@@ -439,3 +444,61 @@ def to_ctranslate2(dense: DenseExport, output_dir: str, data_dir: str,
             return converter.convert(output_dir, quantization=quantization, force=force)
     except (ValueError, NotImplementedError) as err:  # its ConfigurationChecker raises these
         raise ExportError(f"CTranslate2's fairseq converter refused the model: {err}") from err
+
+
+def ctranslate2_data_dir(dense: DenseExport, data: Optional[str] = None) -> str:
+    """The fairseq data folder with the dictionaries CTranslate2's converter reads: `data`, else
+    the one recorded in the checkpoint; ExportError naming what is missing."""
+    where = "--data" if data else "the data folder recorded in the checkpoint"
+    data = data or str(dense.task.get("data") or "").split(":")[0]
+    if not data or not os.path.isdir(data):
+        raise ExportError(f"{where} ({data or 'none'}) is not a folder: pass --data DIR, the "
+                          "fairseq data folder with the dictionaries (dict.LANG.txt)")
+    pairs = [p.split("-") for p in language_convention(dense)["lang_pairs"]]
+    for lang in dict.fromkeys([*dense.pair, *(lang for pair in pairs for lang in pair)]):
+        if not os.path.isfile(os.path.join(data, f"dict.{lang}.txt")):
+            raise ExportError(f"{where} {data} has no dict.{lang}.txt: pass --data DIR, the "
+                              "folder fairseq-preprocess wrote")
+    return data
+
+
+def write_ctranslate2(dense: DenseExport, output: str, data: Optional[str] = None,
+                      quantization: Optional[str] = None, spm_model: Optional[str] = None,
+                      source: str = ""):
+    """A CTranslate2 model directory at `output`, as taskmoe-export writes it and
+    taskmoe-serve caches it: converted into a temporary folder next to `output`, with the
+    SentencePiece model and the language-token convention (CONVENTION_FILE) added, then renamed,
+    so `output` appears complete or not at all (an existing one is replaced the same way).
+    source: the input checkpoint's path, recorded."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError as err:
+        raise ExportError("--format ctranslate2 needs CTranslate2: pip install ctranslate2") \
+            from err
+    data = ctranslate2_data_dir(dense, data)
+    parent = os.path.dirname(os.path.abspath(output))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=parent)
+    old = None
+    try:
+        to_ctranslate2(dense, tmp, data, quantization=quantization, force=True)
+        info = {"format": "taskmoe-export ctranslate2", "source_checkpoint": source,
+                **export_info(dense), "quantization": quantization,
+                "add_source_eos": True, "spm_model": None}
+        if spm_model:
+            shutil.copyfile(spm_model, os.path.join(tmp, "spm.model"))
+            info["spm_model"] = "spm.model"
+        with open(os.path.join(tmp, CONVENTION_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+        if os.path.lexists(output):  # move the old one aside, then drop it
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old.", dir=parent)
+            os.replace(output, os.path.join(old, "x"))
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(output):  # put the old one back
+            os.replace(os.path.join(old, "x"), output)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -180,7 +180,7 @@ def trained_pairs(state: dict) -> Optional[List[Tuple[str, str]]]:
     return [tuple(p.strip().split("-", 1)) for p in items if p.strip()]
 
 
-def _untrained_routes(pairs, kinds, trained, unseen_policy: str) -> List[str]:
+def untrained_routes(pairs, kinds, trained, unseen_policy: str) -> List[str]:
     """Pairs whose route some pruned layer reads from a gate row that training never updated:
     lang_pair routing of a pair not trained (unless the target_mean policy routes it by the
     trained pairs into its target), target routing into a language never a target."""
@@ -218,7 +218,7 @@ def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True,
     else:
         # checkpoints that do not record their trained pairs route every pair by its own row
         policy = moe.moe_unseen_pairs if moe.moe_trained_pairs else "own_row"
-        untrained = _untrained_routes(pairs, task_kinds, trained, policy)
+        untrained = untrained_routes(pairs, task_kinds, trained, policy)
         if untrained and not allow_untrained:
             raise PruningError(
                 f"untrained route(s): {'; '.join(untrained)}. Their gate rows keep their random "

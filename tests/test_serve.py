@@ -761,3 +761,14 @@ def test_start_up_errors_exit_2_with_a_message(tiny_data, tmp_path, capsys):
     fails([tmp_path / "missing.pt", "--data", tmp_path / "nope"], "--data")
     fails([tmp_path / "x.pt", "--data", tiny_data, "--memory-budget", "lots"], "bad size 'lots'")
     fails([tmp_path / "x.pt", "--data", tiny_data, "--beam", "0"], "--beam must be >= 1")
+
+
+def test_output_bound_is_fairseq_generates_unless_the_source_is_long():
+    """Ordinary inputs get fairseq-generate's 200 target tokens (served == generated); a long
+    sentence gets twice its length, so its translation is not cut at 200; never more than the
+    decoder's positions."""
+    from fairseq_taskmoe.serve.engines import output_bound
+
+    assert output_bound(10, 1024) == 200
+    assert output_bound(300, 1024) == 616
+    assert output_bound(900, 1024) == 1023

@@ -9,18 +9,14 @@
 """
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 
-from ..atomic import current_umask, write_atomically
+from ..atomic import write_atomically
 from ..checkpoints import CheckpointError, find_checkpoint, load_any
 from ..compat import load_checkpoint
-from ..export import (CONVENTION_FILE, DenseExport, ExportError, export_info, extract_dense,
-                      fairseq_flags, language_convention, to_ctranslate2,
-                      to_fairseq_transformer)
+from ..export import (CONVENTION_FILE, ExportError, extract_dense, fairseq_flags,
+                      to_fairseq_transformer, write_ctranslate2)
 from ..pruning import PruningError
 
 # CTranslate2's weight types (ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES), listed here so
@@ -82,57 +78,6 @@ def _check_paths(args):
         raise ExportError(f"--spm-model {args.spm_model} does not exist")
 
 
-def _data_dir(args, dense: DenseExport) -> str:
-    data = args.data or str(dense.task.get("data") or "").split(":")[0]
-    where = "--data" if args.data else "the data folder recorded in the checkpoint"
-    if not data or not os.path.isdir(data):
-        raise ExportError(f"{where} ({data or 'none'}) is not a folder: pass --data DIR, the "
-                          "fairseq data folder with the dictionaries (dict.LANG.txt)")
-    pairs = [p.split("-") for p in language_convention(dense)["lang_pairs"]]
-    for lang in dict.fromkeys([*dense.pair, *(lang for pair in pairs for lang in pair)]):
-        if not os.path.isfile(os.path.join(data, f"dict.{lang}.txt")):
-            raise ExportError(f"{where} {data} has no dict.{lang}.txt: pass --data DIR, the "
-                              "folder fairseq-preprocess wrote")
-    return data
-
-
-def write_ctranslate2(dense: DenseExport, args, source: str):
-    """Convert into a temporary folder next to --output, add the SentencePiece model and the
-    language-token convention, then rename: --output appears complete or not at all."""
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError as err:
-        raise ExportError("--format ctranslate2 needs CTranslate2: pip install ctranslate2") \
-            from err
-    data = _data_dir(args, dense)
-    parent = os.path.dirname(os.path.abspath(args.output))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output)}.", dir=parent)
-    old = None
-    try:
-        to_ctranslate2(dense, tmp, data, quantization=args.quantization, force=True)
-        info = {"format": "taskmoe-export ctranslate2", "source_checkpoint": source,
-                **export_info(dense), "quantization": args.quantization,
-                "add_source_eos": True, "spm_model": None}
-        if args.spm_model:
-            shutil.copyfile(args.spm_model, os.path.join(tmp, "spm.model"))
-            info["spm_model"] = "spm.model"
-        with open(os.path.join(tmp, CONVENTION_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
-        if os.path.lexists(args.output):  # --force: move the old one aside, then drop it
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output)}.old.", dir=parent)
-            os.replace(args.output, os.path.join(old, "x"))
-        os.replace(tmp, args.output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.path.lexists(args.output):  # put the old one back
-            os.replace(os.path.join(old, "x"), args.output)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def read_checkpoint(path: str) -> dict:
     """What taskmoe-prune reads (checkpoints.load_any): an ordinary checkpoint file, or a
     sharded one given by its prefix or any of its files (P-shared.pt, P-rank-R.pt), consolidated
@@ -157,7 +102,9 @@ def main(argv=None):
         if args.format == "fairseq":
             write_atomically(to_fairseq_transformer(dense), args.output)
         else:
-            write_ctranslate2(dense, args, os.path.abspath(args.checkpoint))
+            write_ctranslate2(dense, args.output, data=args.data,
+                              quantization=args.quantization, spm_model=args.spm_model,
+                              source=os.path.abspath(args.checkpoint))
     except (ExportError, PruningError) as err:
         print(f"taskmoe-export: error: {err}", file=sys.stderr)
         return 2

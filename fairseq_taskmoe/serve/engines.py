@@ -7,12 +7,24 @@ the n best hypotheses of every text.
 
 Inputs longer than the model's source positions are never cut: `max_input_tokens` is what the
 caller must check (`text.split_to_fit`, with Service.count_tokens), and the engine is told not to truncate
-(CTranslate2's `max_input_length=0`; fairseq raises on an over-long input).
+(CTranslate2's `max_input_length=0`; fairseq raises on an over-long input). Outputs are bounded
+by `output_bound`: fairseq-generate's 200 tokens, or twice the longest source when that is more.
 """
 
 import threading
 from argparse import Namespace
 from typing import List, Sequence
+
+DEFAULT_OUTPUT_TOKENS = 200  # fairseq-generate's bound (max_len_a 0, max_len_b 200)
+
+
+def output_bound(longest_source: int, max_positions: int) -> int:
+    """Target tokens an engine may generate for a batch whose longest source has
+    `longest_source` tokens: fairseq-generate's 200, so that ordinary inputs are translated
+    exactly as fairseq-generate translates them, but never less than 2 x the source + 16, so
+    that a long sentence (the splitter lets through up to the model's positions) is not cut
+    at 200 tokens; at most what the decoder's positions allow."""
+    return min(max(DEFAULT_OUTPUT_TOKENS, 2 * longest_source + 16), max_positions - 1)
 
 
 class CT2Engine:
@@ -24,9 +36,8 @@ class CT2Engine:
         from ..ct2 import CT2Translator
 
         self.mt = CT2Translator(model_dir, intra_threads=threads)
+        self.max_positions = max_source_positions
         self.max_input_tokens = max_source_positions - 2  # language token and </s>
-        # fairseq-generate's default output bound (max_len_b 200), not CTranslate2's 256
-        self.max_output_tokens = 200
 
     def group_key(self, src: str, tgt: str):
         """Requests with equal keys can share one engine call: only `--encoder-langtok src`
@@ -39,11 +50,12 @@ class CT2Engine:
             return []
         prefix = self.mt.source_prefix(src)
         target_prefix = list(self.mt.convention["target_prefix"])
+        sources = [prefix + self.mt.encode(t) for t in texts]
+        bound = output_bound(max(len(s) for s in sources) + 1, self.max_positions)
         results = self.mt.translator.translate_batch(
-            [prefix + self.mt.encode(t) for t in texts],
-            target_prefix=[target_prefix] * len(texts) if target_prefix else None,
+            sources, target_prefix=[target_prefix] * len(texts) if target_prefix else None,
             beam_size=max(beam, nbest), num_hypotheses=nbest, max_input_length=0,
-            max_decoding_length=self.max_output_tokens + len(target_prefix))
+            max_decoding_length=bound + len(target_prefix))
         return [[self.mt.decode(h[len(target_prefix):]) for h in r.hypotheses] for r in results]
 
 
@@ -69,7 +81,9 @@ class FairseqEngine:
         positions = utils.resolve_max_positions(first.task.max_positions(),
                                                 *[m.max_positions() for m in first.models])
         src_positions = positions[0] if isinstance(positions, tuple) else positions
+        tgt_positions = positions[1] if isinstance(positions, tuple) else positions
         self.max_input_tokens = int(src_positions) - 2  # language token and </s>
+        self.max_positions = int(tgt_positions)
 
     def _hub(self, src: str, tgt: str):
         """The hub interface of one direction, sharing the first one's model."""
@@ -111,5 +125,7 @@ class FairseqEngine:
         with self.lock:
             hub = self._hub(src, tgt)
             tokens = [hub.encode(t) for t in texts]
-            batched = hub.generate(tokens, beam=max(beam, nbest), nbest=nbest)
+            bound = output_bound(max(len(t) for t in tokens), self.max_positions)
+            batched = hub.generate(tokens, beam=max(beam, nbest), nbest=nbest, max_len_a=0,
+                                   max_len_b=bound)
             return [[hub.decode(h["tokens"]) for h in hypos[:nbest]] for hypos in batched]

@@ -2,7 +2,7 @@
 
 A sub-network is made by the project's own code, never a second implementation:
 `pruning.prune_checkpoint` (merged experts) for the fairseq backend, then `export.extract_dense`
-and `cli.export.write_ctranslate2` (CTranslate2's converter) for the ctranslate2 backend. It is
+and `export.write_ctranslate2` (CTranslate2's converter) for the ctranslate2 backend. It is
 keyed by what it serves (`*-de` with target routing, so en-de and fr-de share one; `en-de` with
 lang_pair routing; `*-*` for a model served whole). Layers routed on the input (token, sentence)
 cannot be pruned: such a checkpoint has no dense export, so it is served by the fairseq backend,
@@ -28,7 +28,6 @@ import os
 import shutil
 import threading
 import time
-from argparse import Namespace
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -297,15 +296,13 @@ class Registry:
         if self.backend == "fairseq":
             write_atomically(pruned, sub.path)
             return
-        from ..cli.export import write_ctranslate2
-        from ..export import extract_dense
+        from ..export import extract_dense, write_ctranslate2
 
-        dense = extract_dense(pruned, pair)
-        options = Namespace(output=sub.path, quantization=self.quantization, data=self.data,
-                            spm_model=self.spm_model)
         if os.path.lexists(sub.path):
             shutil.rmtree(sub.path, ignore_errors=True)
-        write_ctranslate2(dense, options, os.path.abspath(self.checkpoint))
+        write_ctranslate2(extract_dense(pruned, pair), sub.path, data=self.data,
+                          quantization=self.quantization, spm_model=self.spm_model,
+                          source=os.path.abspath(self.checkpoint))
 
     def _check_budget(self):
         ok = [s for s in self.subnets.values() if s.error is None and s.bytes]

@@ -9,7 +9,7 @@ exactly what it was trained on, so every ordered pair (src != tgt) gets one hone
   with both legs trained, the one in most trained pairs (ties: the first in `--langs`);
   `--pivot LANG` forces X;
 - **zero-shot**: only with `--pivot none`, and only when no task-routed layer would read a gate
-  row that training never updated (the pruner's rule, `pruning._untrained_routes`: lang_pair
+  row that training never updated (the pruner's rule, `pruning.untrained_routes`: lang_pair
   routing with `--moe-unseen-pairs own_row`, or target routing into a language never a target);
 - **unavailable**, with the reason: anything else, or a pair left out by `--pairs`.
 
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import MoEConfig
 from ..pairs import serves
-from ..pruning import _untrained_routes, parse_pairs
+from ..pruning import untrained_routes, parse_pairs
 from ..routing import TASK_ROUTING_KINDS
 
 Pair = Tuple[str, str]
@@ -90,7 +90,7 @@ class ModelFacts:
         """Why a direct route for `pair` would read an untrained gate row, or None."""
         if self.trained is None:
             return None
-        found = _untrained_routes([pair], self.task_kinds, list(self.trained),
+        found = untrained_routes([pair], self.task_kinds, list(self.trained),
                                   self.unseen_policy)
         return found[0] if found else None
 
