@@ -17,7 +17,7 @@
 #   train_amp / validate_amp   the same with --amp (fp32 weights, autocast), validated in fp32
 #   prune         taskmoe-prune of one pair from each run
 #   gen_fp32      fairseq-generate on CUDA (fp32), full vs pruned (--amp run): hypotheses must
-#                 be identical (the README's equivalence claim)
+#                 be identical (the equivalence claim of docs/pruning.md)
 #   gen_fp16      the same with --fp16 (--fp16 run); differences are counted (WARN, not FAIL)
 #   ct2_cuda      taskmoe-export --format ctranslate2 (float32) of the --amp run's pair, then
 #                 fairseq_taskmoe.ct2 on device="cuda": hypotheses vs the pruned model's under

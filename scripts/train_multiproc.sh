@@ -10,7 +10,7 @@
 # lines (warnings, errors) are prefixed with [rank R]. If one rank fails the others are stopped
 # (they would wait for it forever) and the script exits with its status.
 # Environment: PORT (default: a free one), FAIRSEQ_TRAIN (default: fairseq-train on PATH),
-# OMP_NUM_THREADS (default 1). On GPUs use fairseq-train directly: see the README.
+# OMP_NUM_THREADS (default 1). On GPUs use fairseq-train directly: see docs/distributed.md.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 WORLD_SIZE DATA [fairseq-train flags...]" >&2
