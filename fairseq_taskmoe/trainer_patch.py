@@ -330,7 +330,8 @@ def _patched_load_checkpoint(original):
         sharded_model = _trainer_world_size(self) > 1
         if found is None or not (found.sharded or sharded_model):
             return original(self, filename, reset_optimizer, *args, **kwargs)
-        logger.info(f"loading {found.prefix + '-{shared,rank-*}.pt' if found.sharded else found.path}"
+        shown = found.prefix + "-{shared,rank-*}.pt" if found.sharded else found.path
+        logger.info(f"loading {shown}"
                     f" for {'this rank' if sharded_model else 'one process'}")
         read = checkpoint_utils.load_checkpoint_to_cpu
 

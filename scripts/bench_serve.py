@@ -30,7 +30,8 @@ process (psutil RSS: after warm-up with every sub-network loaded, and the peak s
 
 The sub-network cache of every server is built beforehand by the server's own start-up code run
 in this process (so start-up work is neither timed nor counted in the server's memory); each
-measured server then starts from the cache and is warmed up with one request per pair. Servers bind 127.0.0.1 only and are always stopped (SIGTERM, then kill).
+measured server then starts from the cache and is warmed up with one request per pair. Servers
+bind 127.0.0.1 only and are always stopped (SIGTERM, then kill).
 The client is one asyncio process (httpx); it shares the machine's cores with the servers.
 Writes --out-json and --out-md (headed by the command, date, machine and versions), atomically,
 and prints the tables.

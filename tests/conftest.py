@@ -22,6 +22,18 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_data(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_data, tmp_path_factory) -> Path:
+    """A task-MoE (task_moe_tiny, target/target, 4 experts, top-2) trained 120 updates, long
+    enough to produce real translations: checkpoint_best.pt, shared by the CLI, export and
+    serving tests (read only)."""
+    from test_cli import train
+
+    save_dir = tmp_path_factory.mktemp("trained")
+    train(tiny_data, save_dir, [], updates=120)
+    return save_dir / "checkpoint_best.pt"
+
+
 def parse_train_args(data: Path, extra=()):
     """fairseq's own training parser, as fairseq-train would parse these flags."""
     import user_dir  # noqa: F401  (registers the plugin)

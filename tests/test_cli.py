@@ -67,11 +67,9 @@ def test_train_and_generate_with_each_routing(tiny_data, tmp_path, routing):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def trained(trained_tiny):
     """A task-MoE (target/target) trained long enough to produce real translations."""
-    save_dir = tmp_path_factory.mktemp("trained")
-    train(tiny_data, save_dir, [], updates=120)
-    return save_dir / "checkpoint_best.pt"
+    return trained_tiny  # conftest: one 120-update training for the whole session
 
 
 def test_train_prune_generate_gives_identical_translations(tiny_data, trained, tmp_path):

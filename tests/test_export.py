@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import build_task_and_model, first_batch
-from test_cli import BIN, generate, hypotheses, run, train
+from test_cli import BIN, generate, hypotheses, run
 from tiny_data import LANGS, PAIRS
 
 PAIR = "en-fr"
@@ -22,16 +22,14 @@ STOCK_FLAGS = ["--task", "translation_multi_simple_epoch", "--langs", ",".join(L
 # that constant c < 0 per sentence, hypotheses of lengths L1 != L2 can swap when their fairseq
 # scores are within |c| * |1/L1 - 1/L2|: a near-tie, rarer the surer the model is of the tag.
 # Its float32 kernels also round differently from PyTorch's. Measured: 0 flips of 24 here,
-# 3 of 1000 on Multi30k en-de (README); allow a handful.
+# 3 of 1000 on Multi30k en-de (docs/export.md); allow a handful.
 MAX_NEAR_TIE_FLIPS = 2
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def trained(trained_tiny):
     """A task-MoE (target/target, 4 experts, top-2) trained long enough to translate."""
-    save_dir = tmp_path_factory.mktemp("export-trained")
-    train(tiny_data, save_dir, [], updates=120)
-    return save_dir / "checkpoint_best.pt"
+    return trained_tiny  # conftest: one 120-update training for the whole session
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +156,7 @@ def test_ctranslate2_int8_export_translates(tiny_data, pruned, pruned_hyps, tmp_
     source = (tiny_data.parent / "text" / "test.en").read_text().splitlines()
     hyps = load_ct2_translator(out, intra_threads=1).translate(source, beam=4)
     same = sum(h == pruned_hyps[i][1] for i, h in enumerate(hyps))
-    assert same >= 18, hyps  # int8 weights: near, not identical (BLEU on real data: README)
+    assert same >= 18, hyps  # int8 weights: near, not identical (BLEU on real data: docs/export.md)
 
 
 def checkpoint_of(args, model):

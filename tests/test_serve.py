@@ -247,10 +247,8 @@ PAIRS4 = ["en-de", "de-en", "en-fr", "de-fr"]  # three direct, one pivot (via en
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("serve-trained")
-    train(tiny_data, save_dir, [], updates=120)
-    return save_dir / "checkpoint_best.pt"
+def trained(trained_tiny):
+    return trained_tiny  # conftest: one 120-update training for the whole session
 
 
 @pytest.fixture(scope="module")
@@ -772,3 +770,46 @@ def test_output_bound_is_fairseq_generates_unless_the_source_is_long():
     assert output_bound(10, 1024) == 200
     assert output_bound(300, 1024) == 616
     assert output_bound(900, 1024) == 1023
+
+
+def test_a_full_queue_answers_503_with_retry_after_over_http(trained, tiny_data, cache_dir,
+                                                             monkeypatch):
+    """--max-queue 1: one request in the engine (held), one waiting, the third is refused with
+    503, Retry-After and a JSON error; both accepted requests are answered once released."""
+    from fairseq_taskmoe.serve import engines
+
+    gate, entered = threading.Event(), threading.Event()
+    original = engines.CT2Engine.translate
+
+    def held(self, *args, **kwargs):
+        entered.set()
+        assert gate.wait(30), "the test never released the engine"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engines.CT2Engine, "translate", held)
+    with serving(base_args(trained, tiny_data, cache_dir, "--quantization", "float32",
+                           "--max-queue", "1", "--max-wait-ms", "0")) as (url, service):
+        body = {"q": "e1 e2", "source": "en", "target": "de"}
+        answers = {}
+
+        def send(name):
+            answers[name] = post(url, "/translate", json=body)
+
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        assert entered.wait(30)  # the worker took the first request and is held in the engine
+        second = threading.Thread(target=send, args=("second",))
+        second.start()
+        deadline = time.time() + 30
+        while service.batcher.pending() < 1:  # the second waits in the queue
+            assert time.time() < deadline
+            time.sleep(0.02)
+        refused = post(url, "/translate", json=body)
+        gate.set()
+        first.join(30)
+        second.join(30)
+    assert refused.status_code == 503, refused.text
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "queue is full" in refused.json()["error"]
+    assert answers["first"].status_code == answers["second"].status_code == 200
+    assert answers["first"].json()["translatedText"] == answers["second"].json()["translatedText"]

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import train
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 httpx = pytest.importorskip("httpx")
@@ -31,11 +29,9 @@ TEXT = "e1 e5 e7 e2"  # tiny_data: en words e0..e11, de d0..d11, fr f0..f11
 
 
 @pytest.fixture(scope="module")
-def server(tiny_data, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("browser-trained")
-    train(tiny_data, save_dir, [], updates=120)
+def server(tiny_data, trained_tiny, tmp_path_factory):
     work = tmp_path_factory.mktemp("browser-serve")
-    with running(save_dir / "checkpoint_best.pt", tiny_data,
+    with running(trained_tiny, tiny_data,
                  ["--cache-dir", work / "cache", "--char-limit", "500", "--log-level", "warning"],
                  work / "server.log", timeout=300) as srv:
         assert srv.url.startswith("http://127.0.0.1:")

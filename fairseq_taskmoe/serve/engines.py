@@ -6,8 +6,8 @@ Both wrap the project's own Python APIs: `ct2.CT2Translator` (a CTranslate2 expo
 the n best hypotheses of every text.
 
 Inputs longer than the model's source positions are never cut: `max_input_tokens` is what the
-caller must check (`text.split_to_fit`, with Service.count_tokens), and the engine is told not to truncate
-(CTranslate2's `max_input_length=0`; fairseq raises on an over-long input). Outputs are bounded
+caller must check (`text.split_to_fit`, with Service.count_tokens), and the engine is told not
+to truncate (CTranslate2's `max_input_length=0`; fairseq raises on an over-long input). Outputs are bounded
 by `output_bound`: fairseq-generate's 200 tokens, or twice the longest source when that is more.
 """
 
