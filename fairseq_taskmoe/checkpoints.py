@@ -347,12 +347,16 @@ def consolidate(prefix: str) -> dict:
     return state
 
 
+def checkpoint_files(found: Found) -> List[str]:
+    """The files of a checkpoint: its file, or the shared file and every rank file (sorted)."""
+    if not found.sharded:
+        return [found.path]
+    return [found.path] + sorted(glob.glob(glob.escape(found.prefix) + "-rank-*.pt"))
+
+
 def checkpoint_bytes(found: Found) -> int:
     """Size on disk of a checkpoint: its file, or all files of a sharded one."""
-    if not found.sharded:
-        return os.path.getsize(found.path)
-    files = [found.path] + glob.glob(glob.escape(found.prefix) + "-rank-*.pt")
-    return sum(os.path.getsize(f) for f in files)
+    return sum(os.path.getsize(f) for f in checkpoint_files(found))
 
 
 def load_any(path: str) -> dict:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..atomic import write_atomically, write_text_atomically
-from ..checkpoints import Found, checkpoint_bytes, find_checkpoint, load_any
+from ..checkpoints import Found, checkpoint_bytes, checkpoint_files, find_checkpoint, load_any
 from ..compat import load_checkpoint
 from ..pairs import serves  # the one rule of what a pruned/exported model serves
 from ..pruning import PruningError, count_parameters, model_args, prune_checkpoint, trained_pairs
@@ -78,19 +78,11 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def _files_of(found: Found) -> List[str]:
-    if not found.sharded:
-        return [found.path]
-    import glob
-
-    return [found.path] + sorted(glob.glob(glob.escape(found.prefix) + "-rank-*.pt"))
-
-
 def checkpoint_digest(found: Found) -> str:
     """sha256 over the checkpoint's file(s): every byte, or for a file over SAMPLED_ABOVE its
     size, mtime and 64 evenly spaced 64 KB samples (hashing GBs at every start-up is slow)."""
     h = hashlib.sha256()
-    for path in _files_of(found):
+    for path in checkpoint_files(found):
         st = os.stat(path)
         h.update(f"{os.path.basename(path)}:{st.st_size}".encode())
         with open(path, "rb") as f:
