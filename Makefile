@@ -13,7 +13,8 @@ TORCH  ?= torch==2.13.0
 # real runtime requirements listed here.
 FAIRSEQ_RUNTIME := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging
 
-.PHONY: venv system-deps test test-all demo serve clean
+.PHONY: venv system-deps test test-all demo serve clean study study-report distill bench \
+  bench-inference bench-moe-layer bench-export bench-serve bench-ray-serve
 venv: $(STAMP)
 
 $(STAMP): setup.cfg setup.py Makefile
@@ -27,6 +28,7 @@ $(STAMP): setup.cfg setup.py Makefile
 	$(PIP) install -q --no-deps -e .
 	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu>=2.0" pytest ctranslate2 matplotlib
 	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx python-multipart psutil libretranslatepy
+	$(PIP) install -q "ray[serve]==2.60.0"
 	$(PIP) install -q selenium
 	@echo "(a pip note that fairseq-fixed requires torchaudio is expected: it is never imported)"
 	touch $(STAMP)
@@ -59,6 +61,45 @@ serve: $(STAMP)
 	@echo "make serve: http://$(HOST):$(PORT)/ (the first start builds each pair's sub-network; Ctrl+C stops)"
 	$(VENV)/bin/taskmoe-serve $(DEMO)/checkpoints/checkpoint_last.pt --data $(DEMO)/multi30k/bin \
 	  --spm-model $(DEMO)/multi30k/spm.model --cache-dir $(DEMO)/serve-cache --host $(HOST) --port $(PORT)
+
+# The research harness (research/, not installed): what wrote docs/results.md and
+# docs/benchmarks.md. Long jobs resume where a kill left them: run the same target again.
+# ARGS passes flags on, e.g. make study ARGS="--only dense,target_target".
+# the routing quality study, all 22 runs (hours on 2 cores): results/study/*.json
+study: $(STAMP)
+	$(PY) -m research.study $(ARGS)
+# docs/results.md from results/study/*.json
+study-report: $(STAMP)
+	$(PY) -m research.study.report $(ARGS)
+# the distillation baseline (after the study's token_token-s1): results/study/distilled-s1.json
+distill: $(STAMP)
+	$(PY) -m research.distill $(ARGS)
+# docs/benchmarks.md's three benchmarks in turn (bench-export needs `make demo` first)
+bench: bench-inference bench-moe-layer bench-export
+# pruned task-MoE vs token-MoE vs dense (Figure 2): results/inference_benchmark.* and its plot
+bench-inference: $(STAMP)
+	$(PY) -m research.bench.inference --experts 8,32,128 --batch-sizes 1,16,64 \
+	  --reps 3 --serve-parallel 2 --serve-batch 16 $(ARGS)
+# our MoE layer vs fairscale's MOELayer: results/moe_layer_bench.*
+bench-moe-layer: $(STAMP)
+	$(PY) -m research.bench.moe_layer --experts 8,32,128 --tokens 2048 --embed-dim 512 \
+	  --ffn-dim 1024 --threads 1 --reps 20 --warmup 3 $(ARGS)
+# the demo's pair served five ways (after `make demo`): results/export_benchmark.*
+bench-export: $(STAMP)
+	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-export: no demo model" \
+	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
+	$(PY) -m research.bench.export --work $(DEMO) --pair en-de --beam 5 --repeats 3 $(ARGS)
+# taskmoe-serve under load (after `make demo`): batching on/off, token- vs task-MoE served
+# (results/serve_benchmark.*); the embedded server vs Ray Serve with 1 and 2 replicas
+# (results/serve_ray_benchmark.*)
+bench-serve: $(STAMP)
+	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-serve: no demo model" \
+	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
+	$(PY) -m research.bench.serve --arch-requests 32 $(ARGS)
+bench-ray-serve: $(STAMP)
+	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-ray-serve: no demo model" \
+	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
+	$(PY) -m research.bench.ray_serve --pairs-per-replica 4 $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

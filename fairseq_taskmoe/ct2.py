@@ -18,7 +18,7 @@ import json
 import os
 from typing import List, Optional, Sequence, Union
 
-from .pairs import serves  # plain Python: the rule taskmoe-prune and -export use
+from .moe.pairs import serves  # plain Python: the rule taskmoe-prune and -export use
 
 CONVENTION_FILE = "taskmoe_export.json"  # same name as export.CONVENTION_FILE (no fairseq here)
 

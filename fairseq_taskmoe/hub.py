@@ -21,7 +21,7 @@ from fairseq import checkpoint_utils, hub_utils
 from fairseq.data import encoders
 from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 
-from . import plugin  # noqa: F401  (registers the model/task, fixes checkpoint loading)
+from .integration import plugin  # noqa: F401  (registers model and task, fixes checkpoint loading)
 
 
 class TaskMoEHubInterface(hub_utils.GeneratorHubInterface):

@@ -40,10 +40,11 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-LANGS = "en,de,fr,cs"
-PAIRS = ["en-de", "de-en", "en-fr", "fr-en", "en-cs", "cs-en"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # research/ (run as a script)
+from research.common import (BIN, LANGS, PAIRS, REPO, bleu, generate_command,  # noqa: E402
+                             logger, parse_generate, run, task_flags)
+
+log = logger("demo")
 # A fixed number of updates, not a time cap: machine speed must not become BLEU (a 9.5-minute
 # cap reached 505 updates and 10.7 BLEU on a slow machine, 1,250 and 26.9 on a usual one).
 # 1,250 updates take about 9.5 minutes on 2 idle cores of the reference machine
@@ -85,53 +86,6 @@ def parse_args(argv=None):
     p.add_argument("--multi30k-dir", default=None, help="raw Multi30k folder "
                    "(default: $MULTI30K_DIR, else ../shared/data/multi30k, else download)")
     return p.parse_args(argv)
-
-
-def log(msg):
-    print(f"[demo] {msg}", flush=True)
-
-
-def run(cmd, log_path: Path = None, threads: int = None):
-    """Run a command; its output goes to log_path (written atomically) or to our stdout.
-    threads: the command's OMP_NUM_THREADS (default: inherited)."""
-    cmd = [str(c) for c in cmd]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    if log_path is None:
-        subprocess.run(cmd, check=True, env=env, cwd=REPO)
-        return None
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    with open(tmp, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"[demo] {cmd[0]} failed; see {tmp}\n" + tmp.read_text()[-3000:])
-    tmp.rename(log_path)
-    return log_path.read_text()
-
-
-def task_flags(data, langs=LANGS, pairs=",".join(PAIRS)):
-    return [data, "--user-dir", "user_dir", "--task", "translation_task_moe", "--langs", langs,
-            "--lang-pairs", pairs, "--encoder-langtok", "tgt", "--decoder-langtok"]
-
-
-def generate_command(data, checkpoint, pair, beam=5, max_tokens=8000, **task):
-    """fairseq-generate on the test set of `pair`, hypotheses detokenized (SentencePiece)."""
-    src, tgt = pair.split("-")
-    return [BIN / "fairseq-generate", *task_flags(data, **task), "--source-lang", src,
-            "--target-lang", tgt, "--gen-subset", "test", "--path", checkpoint, "--beam", beam,
-            "--max-tokens", max_tokens, "--post-process", "sentencepiece", "--cpu"]
-
-
-def parse_generate(text):
-    """fairseq-generate output -> ({sentence id: detokenized hypothesis}, tokens/s or None)."""
-    hyps = {}
-    for line in text.splitlines():
-        if line.startswith("D-"):
-            key, _score, *hyp = line.split("\t")
-            hyps[int(key[2:])] = hyp[0] if hyp else ""
-    speed = re.search(r"Translated .*\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", text)
-    return hyps, float(speed.group(2)) if speed else None
 
 
 _PROGRESS = re.compile(r"loss[ =]([\d.]+).*num_updates[ =](\d+)")
@@ -203,17 +157,9 @@ def generate_all(jobs, parallel: int = 2):
         return list(pool.map(lambda job: generate(*job, threads=1), jobs))
 
 
-def bleu(hyps, ref_path: Path):
-    import sacrebleu
-
-    refs = ref_path.read_text().splitlines()
-    order = sorted(hyps)
-    return sacrebleu.corpus_bleu([hyps[i] for i in order], [[refs[i] for i in order]]).score
-
-
 def count_params(checkpoint: Path) -> int:
-    from fairseq_taskmoe.compat import load_checkpoint
-    from fairseq_taskmoe.pruning import count_parameters
+    from fairseq_taskmoe.deploy.pruning import count_parameters
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     return count_parameters(load_checkpoint(str(checkpoint))["model"])
 
@@ -231,7 +177,7 @@ def main(argv=None):
         "longer but ends at the same model")
     prep = work / "multi30k"
     prep_cmd = [sys.executable, REPO / "scripts" / "prepare_multi30k.py", "--out", prep,
-                "--langs", LANGS, "--pairs", ",".join(PAIRS)]
+                "--langs", ",".join(LANGS), "--pairs", ",".join(PAIRS)]
     if args.train_size:
         prep_cmd += ["--train-size", args.train_size]
     if args.multi30k_dir:

@@ -151,7 +151,7 @@ check_training() {
   "$PY" - "$2" $losses <<'EOF'
 import math, sys
 import torch
-from fairseq_taskmoe.checkpoints import load_any
+from fairseq_taskmoe.distributed.checkpoints import load_any
 path, losses = sys.argv[1], [float(x) for x in sys.argv[2:]]
 assert len(losses) >= 2, f"expected 2+ validations, the log has {losses}"
 assert all(math.isfinite(x) for x in losses), f"non-finite valid loss: {losses}"

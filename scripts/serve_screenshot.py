@@ -19,8 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import REPO, running  # noqa: E402  (sibling script)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from research.bench.load import REPO, running  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

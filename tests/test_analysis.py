@@ -1,5 +1,5 @@
 from conftest import build_task_and_model
-from fairseq_taskmoe.analysis import collect_routing_counts, usage_by_pair
+from fairseq_taskmoe.moe.analysis import collect_routing_counts, usage_by_pair
 from tiny_data import LANGS
 
 

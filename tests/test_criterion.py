@@ -12,7 +12,7 @@ def test_loss_is_label_smoothed_ce_plus_weighted_mean_router_losses(tiny_data):
     from fairseq import metrics
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-    from fairseq_taskmoe.criterion import MoELabelSmoothedCrossEntropy
+    from fairseq_taskmoe.integration.criterion import MoELabelSmoothedCrossEntropy
 
     args, task, model = build_task_and_model(
         tiny_data, ["--encoder-moe-routing", "token", "--decoder-moe-routing", "target"])

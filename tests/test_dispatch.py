@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fairseq_taskmoe import dispatch as D
-from fairseq_taskmoe.experts import ExpertFFNs, FeedForward
-from fairseq_taskmoe.moe_layer import MoELayer
-from fairseq_taskmoe.routing import TokenGate, top_k_route
+from fairseq_taskmoe.moe import dispatch as D
+from fairseq_taskmoe.moe.experts import ExpertFFNs, FeedForward
+from fairseq_taskmoe.moe.moe_layer import MoELayer
+from fairseq_taskmoe.moe.routing import TokenGate, top_k_route
 
 
 def _experts(C=6, F=10, E=4):

@@ -1,15 +1,18 @@
 """The docs are checked like code: README.md and docs/*.md cannot name what does not exist.
 
 For every ```bash block: each command exists (a console script of setup.cfg, a scripts/ file, a
-make target of the Makefile, a fairseq-* program in .venv/bin, or an ordinary shell tool of
-OTHER_COMMANDS), and each flag it is given is one its parser accepts: taskmoe-* through their
-build_parser(), scripts/*.py through the argparse parser their parse_args()/main() builds,
-fairseq-* through fairseq's own parser with the plugin loaded (as fairseq-train would parse the
-line, model / task / criterion flags included). For ```python blocks: what they import from
-fairseq_taskmoe exists and takes the keyword arguments given. Everywhere: each repository path the
-text names (fairseq_taskmoe/..., scripts/..., docs/..., results/..., tests/...) and each link
-(with its #anchor) exists, each `--flag` named in prose belongs to one of those parsers, and the
-README's code map lists exactly the modules of fairseq_taskmoe/.
+`python -m research...` module of the research harness, a make target of the Makefile, a
+fairseq-* program in .venv/bin, or an ordinary shell tool of OTHER_COMMANDS), and each flag it is
+given is one its parser accepts: taskmoe-* through their build_parser(), scripts/*.py and
+research modules through the argparse parser their parse_args()/main() builds (a package's
+through its __main__), fairseq-* through fairseq's own parser with the plugin loaded (as
+fairseq-train would parse the line, model / task / criterion flags included). For ```python
+blocks: what they import from fairseq_taskmoe exists and takes the keyword arguments given.
+Everywhere: each repository path the text names (fairseq_taskmoe/..., research/..., scripts/...,
+docs/..., results/..., tests/...) and each link (with its #anchor) exists, each `--flag` named
+in prose belongs to one of those parsers, and the README's code map lists exactly the modules and
+subpackages of fairseq_taskmoe/ and the modules of each subpackage (serve/ and cli/ described
+whole).
 
 Shell placeholders are fine: $DATA, CHECKPOINT, <work>, [--port 5000], `...`. Variables assigned
 in a doc's earlier bash blocks (DATA=..., TASK="...") are expanded as the shell would.
@@ -40,24 +43,23 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # Commands that are not this project's and need no check beyond being named.
 OTHER_COMMANDS = {"cd", "source", ".", "export", "curl", "git", "echo", "cat", "ls", "mkdir",
-                  "grep", "head", "tail", "wc", "pip", "apt-get", "sacrebleu", "time", "bash"}
+                  "grep", "head", "tail", "wc", "pip", "apt-get", "sacrebleu", "time", "bash",
+                  "ray", "serve"}  # the last two: Ray's CLI (docs/serving.md, scale-out)
 PYTHONS = {"python", "python3", ".venv/bin/python", ".venv/bin/python3"}
 # A flag's value that the command writes: it need not exist yet.
 OUTPUT_FLAGS = {"--out", "--output", "--save-dir", "--work", "--results", "--cache-dir"}
 # Files the docs name that a command writes when it runs, and that command has not run yet.
 NOT_WRITTEN_YET = {
-    "results/serve_benchmark.json": "scripts/bench_serve.py (docs/serving.md: not yet measured)",
-    "results/serve_benchmark.md": "scripts/bench_serve.py",
-    "results/study-gpu": "scripts/study.py --preset gpu (never run: no GPU lent)",
-    "docs/img/study-gpu": "scripts/study.py --preset gpu",
-    "docs/results-gpu.md": "scripts/study_report.py --results results/study-gpu",
+    "results/study-gpu": "python -m research.study --preset gpu (never run: no GPU lent)",
+    "docs/img/study-gpu": "python -m research.study --preset gpu",
+    "docs/results-gpu.md": "python -m research.study.report --results results/study-gpu",
 }
 # Flags the prose names that belong to other programs, said so where they are named.
 FOREIGN_FLAGS = {"--record-a2a-perf-stats"}  # fairseq's moe branch, named for comparison
 # scripts/*.sh: (the program whose flags it passes on, positional arguments before them)
 SHELL_SCRIPTS = {"scripts/train_multiproc.sh": ("fairseq-train", 2),
                  "scripts/gpu_check.sh": (None, 1)}
-PATH_RE = re.compile(r"(?<![\w/.$-])((?:fairseq_taskmoe|scripts|docs|results|tests)/"
+PATH_RE = re.compile(r"(?<![\w/.$-])((?:fairseq_taskmoe|research|scripts|docs|results|tests)/"
                      r"[\w.*{},/-]*|user_dir\b)")
 LINK_RE = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
 FENCE_RE = re.compile(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)
@@ -109,14 +111,41 @@ class _Captured(Exception):
 _CAPTURE = "--docs-test-capture-parser"
 
 
+# `python -m MODULE` of the research harness (research/), as the docs write it
+MODULE_RE = re.compile(r"(?<![\w.])-m\s+(research(?:\.\w+)*)")
+
+
 @functools.lru_cache(None)
 def script_parser(rel):
-    """The argparse parser of scripts/NAME.py: its own build_parser(), else the parser that its
-    parse_args(argv) or main(argv) builds, caught at its parse_args call (nothing else runs)."""
+    """The argparse parser of scripts/NAME.py (see parser_of)."""
     for folder in (str(REPO), str(REPO / "scripts")):  # scripts import their siblings
         if folder not in sys.path:
             sys.path.insert(0, folder)
-    mod = importlib.import_module(Path(rel).stem)
+    return parser_of(importlib.import_module(Path(rel).stem), rel)
+
+
+def runnable_module(name):
+    """The module `python -m name` runs (a package's __main__), or None if there is none."""
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:  # a package
+            spec = importlib.util.find_spec(name + ".__main__")
+    except ModuleNotFoundError:  # a parent package is missing
+        return None
+    return spec.name if spec is not None else None
+
+
+@functools.lru_cache(None)
+def module_parser(name):
+    """The argparse parser of `python -m name` (research/...; see parser_of)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return parser_of(importlib.import_module(runnable_module(name)), f"python -m {name}")
+
+
+def parser_of(mod, label):
+    """A command's argparse parser: its module's own build_parser(), else the parser that its
+    parse_args(argv) or main(argv) builds, caught at its parse_args call (nothing else runs)."""
     own = getattr(mod, "build_parser", None)
     if own is not None and own.__module__ == mod.__name__:
         return own()
@@ -125,7 +154,7 @@ def script_parser(rel):
     def catch(self, args=None, namespace=None):
         if args is None or _CAPTURE in list(args):
             raise _Captured(self)
-        return original(self, args, namespace)  # e.g. distill.py reading study.py's defaults
+        return original(self, args, namespace)  # e.g. research.distill reading the study's defaults
 
     entry = getattr(mod, "parse_args", None) or mod.main
     with mock.patch.object(argparse.ArgumentParser, "parse_args", catch):
@@ -133,7 +162,7 @@ def script_parser(rel):
             entry([_CAPTURE]) if inspect.signature(entry).parameters else entry()
         except _Captured as c:
             return c.parser
-    raise AssertionError(f"{rel}: no argparse parser found through parse_args() or main()")
+    raise AssertionError(f"{label}: no argparse parser found through parse_args() or main()")
 
 
 FAIRSEQ_PARSERS = {"fairseq-train": "get_training_parser",
@@ -184,6 +213,10 @@ def known_flags():
     for rel in sorted(named):
         if (REPO / rel).exists():
             flags |= _options(script_parser(rel))
+    modules = {m for doc in DOCS for m in MODULE_RE.findall(doc.read_text())}
+    for name in sorted(modules):
+        if runnable_module(name):
+            flags |= _options(module_parser(name))
     return flags
 
 
@@ -328,6 +361,10 @@ def check_command(argv):
             return problems + [f"{cmd} does not exist"]
         cmd = cmd[len(".venv/bin/"):]
     if cmd in PYTHONS:
+        if args[:1] == ["-m"] and args[1:2] and args[1].split(".")[0] == "research":
+            if not runnable_module(args[1]):
+                return problems + [f"no module {args[1]} to run (research/)"]
+            return problems + parse_with(module_parser(args[1]), f"python -m {args[1]}", args[2:])
         if args[:1] == ["-m"]:
             if args[1:2] != ["pytest"] and importlib.util.find_spec(args[1]) is None:
                 problems.append(f"no module {args[1]}")
@@ -460,25 +497,88 @@ def test_doc_names_only_what_exists(doc):
     assert not problems, "\n".join(problems)
 
 
-def test_readme_code_map_is_the_tree():
-    """The README's Layout block lists every module and subpackage of fairseq_taskmoe/, and
-    nothing that is not there."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("\n## Layout", 1)[1]
-    block = fences(section)[0][2]
-    listed, inside = set(), False
+# Subpackages the code map describes in one line, as a whole (a command and its parts); every
+# other subpackage is listed module by module.
+ONE_LINE_PACKAGES = {"serve", "cli"}
+
+
+def code_map(block):
+    """{"": the entries two spaces in under `fairseq_taskmoe/`, "moe": the entries four spaces in
+    under `  moe/`, ...} of a Layout block; deeper-indented lines continue a description."""
+    listed, package, inside = {}, None, False
     for line in block.splitlines():
+        entry = re.match(r"^(  |    )([^\s#]\S*)", line)
         if line.startswith("fairseq_taskmoe/"):
-            inside = True
-        elif inside and re.match(r"^  (\S+)", line) and not line.lstrip().startswith("#"):
-            listed.add(re.match(r"^  (\S+)", line).group(1).rstrip("/"))
+            inside, package = True, None
+            listed[""] = set()
+        elif inside and entry and len(entry.group(1)) == 2:
+            name = entry.group(2)
+            listed[""].add(name.rstrip("/"))
+            package = name.rstrip("/") if name.endswith("/") else None
+        elif inside and entry and package:
+            listed.setdefault(package, set()).add(entry.group(2).rstrip("/"))
         elif line and not line.startswith(" "):
             inside = False
-    pkg = REPO / "fairseq_taskmoe"
-    present = {p.name for p in pkg.glob("*.py") if p.name != "__init__.py"} | \
-        {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert listed == present, (f"README Layout lists what is not there: {sorted(listed - present)}"
-                               f"; misses: {sorted(present - listed)}")
+    return listed
+
+
+def package_tree(pkg):
+    """What code_map should read for the package folder `pkg`."""
+    def names(folder):
+        return {p.name for p in folder.glob("*.py") if p.name != "__init__.py"} | \
+            {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+
+    tree = {"": names(pkg)}
+    for name in tree[""]:
+        if (pkg / name).is_dir() and name not in ONE_LINE_PACKAGES:
+            tree[name] = names(pkg / name)
+    return tree
+
+
+def code_map_problems(listed, present):
+    problems = []
+    for package in sorted(set(listed) | set(present)):
+        where = f"fairseq_taskmoe/{package}/" if package else "fairseq_taskmoe/"
+        extra = sorted(listed.get(package, set()) - present.get(package, set()))
+        missing = sorted(present.get(package, set()) - listed.get(package, set()))
+        if extra:
+            problems.append(f"README Layout lists under {where} what is not there: {extra}")
+        if missing:
+            problems.append(f"README Layout misses in {where}: {missing}")
+    return problems
+
+
+def test_readme_code_map_is_the_tree():
+    """The README's Layout block lists every module and subpackage of fairseq_taskmoe/, and the
+    modules of each subpackage (but serve/ and cli/, described whole), and nothing else."""
+    text = (REPO / "README.md").read_text()
+    block = fences(text.split("\n## Layout", 1)[1])[0][2]
+    problems = code_map_problems(code_map(block), package_tree(REPO / "fairseq_taskmoe"))
+    assert not problems, "\n".join(problems)
+
+
+def test_code_map_check_catches_drift(tmp_path):
+    pkg = tmp_path / "fairseq_taskmoe"
+    for path in ["__init__.py", "hub.py", "moe/__init__.py", "moe/routing.py", "moe/experts.py",
+                 "serve/__init__.py", "serve/app.py", "notes/readme.txt"]:
+        (pkg / path).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / path).write_text("")
+    block = """\
+fairseq_taskmoe/    top line
+                    continued
+  moe/              the core
+    routing.py      gates
+    dispatch.py     moved away
+  serve/            the service (described whole)
+  ct2.py            gone
+user_dir/           not the package
+    hub.py          not under fairseq_taskmoe/
+"""
+    assert code_map_problems(code_map(block), package_tree(pkg)) == [
+        "README Layout lists under fairseq_taskmoe/ what is not there: ['ct2.py']",
+        "README Layout misses in fairseq_taskmoe/: ['hub.py']",
+        "README Layout lists under fairseq_taskmoe/moe/ what is not there: ['dispatch.py']",
+        "README Layout misses in fairseq_taskmoe/moe/: ['experts.py']"]
 
 
 # Negative tests: the checker must catch what drifts.
@@ -496,6 +596,9 @@ taskmoe-frobnicate CHECKPOINT
 fairseq-train $DATA $TASK --arch task_moe_small --moe-expert-cnt 8
 .venv/bin/python scripts/demo.py --train-hours 3
 .venv/bin/python scripts/no_such_script.py
+.venv/bin/python -m research.study --only dense --no-such-flag
+.venv/bin/python -m research.bench.no_such_bench
+python -m research.study.report --results
 make no-such-target
 frobnicate --now
 ```
@@ -518,6 +621,9 @@ def test_checker_catches_drift():
                      "fairseq-train does not take --moe-expert-cnt",
                      "scripts/demo.py does not take --train-hours",
                      "scripts/no_such_script.py does not exist",
+                     "python -m research.study does not take --no-such-flag",
+                     "no module research.bench.no_such_bench to run",
+                     "python -m research.study.report: argument --results: expected one",
                      "make has no target 'no-such-target'",
                      "unknown command 'frobnicate'",
                      "fairseq_taskmoe.hub has no no_such_function",
@@ -543,9 +649,12 @@ taskmoe-serve CHECKPOINT --data $DATA [--port 5000] > work/serve.log 2>&1
 curl -s 127.0.0.1:5000/translate -d 'q=Hallo&source=de&target=en' | head -1
 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_docs.py && make test
 scripts/train_multiproc.sh 2 $DATA $TASK --arch task_moe_small --max-update 50
+.venv/bin/python -m research.study --only dense,target_target-s1 --work /tmp/s   # resumable
+python -m research.bench.inference --experts 8 [--reps 3] && make study-report
 ```
 
-See [Set up](#set-up), `scripts/demo.py`, `--moe-top-k` and `results/study/*.json`.
+See [Set up](#set-up), `scripts/demo.py`, `research/study/`, `--moe-top-k`, `--only-steps` and
+`results/study/*.json`.
 """
 
 

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from test_sharding import E, _batch, _full_experts, _layer, free_port
-from fairseq_taskmoe.sharding import ExpertShard, ShardedExpertFFNs, grad_norm_with_experts
+from fairseq_taskmoe.distributed.sharding import (ExpertShard, ShardedExpertFFNs,
+                                                  grad_norm_with_experts)
 
 W = 2
 

@@ -35,8 +35,8 @@ def trained(trained_tiny):
 @pytest.fixture(scope="module")
 def pruned(trained, tmp_path_factory):
     """The checkpoint pruned for PAIR, experts merged (what taskmoe-prune writes)."""
-    from fairseq_taskmoe.compat import load_checkpoint
-    from fairseq_taskmoe.pruning import prune_checkpoint
+    from fairseq_taskmoe.deploy.pruning import prune_checkpoint
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     path = tmp_path_factory.mktemp("export-pruned") / f"{PAIR}.pt"
     torch.save(prune_checkpoint(load_checkpoint(str(trained)), PAIR)[0], path)
@@ -106,8 +106,8 @@ def test_fairseq_export_gives_the_pruned_hypotheses_under_stock_fairseq_generate
 
 
 def test_full_and_pruned_checkpoints_export_the_same_weights(trained, pruned, tmp_path):
-    from fairseq_taskmoe.compat import load_checkpoint
-    from fairseq_taskmoe.export import extract_dense
+    from fairseq_taskmoe.deploy.export import extract_dense
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     a = extract_dense(load_checkpoint(str(trained)), PAIR)
     b = extract_dense(load_checkpoint(str(pruned)), PAIR)
@@ -120,9 +120,9 @@ def test_full_and_pruned_checkpoints_export_the_same_weights(trained, pruned, tm
 def test_ctranslate2_float32_gives_the_pruned_hypotheses(tiny_data, pruned, pruned_hyps,
                                                           tmp_path):
     pytest.importorskip("ctranslate2")
-    from fairseq_taskmoe.compat import load_checkpoint
     from fairseq_taskmoe.ct2 import load_ct2_translator
-    from fairseq_taskmoe.export import _converter_class, extract_dense
+    from fairseq_taskmoe.deploy.export import _converter_class, extract_dense
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     out = tmp_path / "en-fr.ct2"
     code, err = export(pruned, "--lang-pair", PAIR, "--format", "ctranslate2", "--output", out,
@@ -176,7 +176,7 @@ def test_stock_transformer_computes_what_the_task_moe_computes(tiny_data, tmp_pa
     """Decoder outputs of the exported stock model = the task-MoE's, for the exported pair."""
     from fairseq import checkpoint_utils, tasks
 
-    from fairseq_taskmoe.export import extract_dense, to_fairseq_transformer
+    from fairseq_taskmoe.deploy.export import extract_dense, to_fairseq_transformer
 
     args, task, model = build_task_and_model(
         tiny_data, ["--encoder-moe-routing", routing[0], "--decoder-moe-routing", routing[1],
@@ -212,8 +212,8 @@ def _fails(args, message, code=2):
 
 def test_refusals_name_the_problem_and_write_nothing(tiny_data, trained, tmp_path):
     pytest.importorskip("ctranslate2")
-    from fairseq_taskmoe.compat import load_checkpoint
-    from fairseq_taskmoe.pruning import prune_checkpoint
+    from fairseq_taskmoe.deploy.pruning import prune_checkpoint
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     out = tmp_path / "out.pt"
     # token/target: the encoder MoE stays whole (routes per token), full or pruned
@@ -267,7 +267,7 @@ def test_refusals_name_the_problem_and_write_nothing(tiny_data, trained, tmp_pat
 # --- what an export serves (pairs.py), and sharded inputs ------------------------------------
 
 def test_served_pairs_and_serves_are_the_one_rule():
-    from fairseq_taskmoe.pairs import served_pairs, serves
+    from fairseq_taskmoe.moe.pairs import served_pairs, serves
 
     # any lang_pair-routed layer: exactly the pairs its experts were kept for
     assert served_pairs(["lang_pair", "target"], ["en-de", "fr-de", "en-de"]) == ["en-de", "fr-de"]
@@ -295,8 +295,8 @@ def test_an_export_serves_only_what_its_experts_serve(tiny_data, tmp_path, routi
     routing keeps serving any source into de."""
     pytest.importorskip("ctranslate2")
     from fairseq_taskmoe.ct2 import load_ct2_translator
-    from fairseq_taskmoe.export import export_info, extract_dense
-    from fairseq_taskmoe.pruning import prune_checkpoint
+    from fairseq_taskmoe.deploy.export import export_info, extract_dense
+    from fairseq_taskmoe.deploy.pruning import prune_checkpoint
 
     args, _, model = build_task_and_model(
         tiny_data, ["--encoder-moe-routing", routing[0], "--decoder-moe-routing", routing[1],
@@ -336,7 +336,7 @@ def _save_sharded(state: dict, prefix: str, world_size: int = 2):
     experts in P-rank-r.pt, the rest in P-shared.pt (checkpoints.split_checkpoint)."""
     import re
 
-    from fairseq_taskmoe.checkpoints import rank_path, shared_path, split_checkpoint
+    from fairseq_taskmoe.distributed.checkpoints import rank_path, shared_path, split_checkpoint
 
     expert = re.compile(r"\.ffn\.experts\.experts\.(\d+)\.")
     model = state["model"]
@@ -356,9 +356,9 @@ def _save_sharded(state: dict, prefix: str, world_size: int = 2):
 
 def test_export_reads_sharded_checkpoints_as_taskmoe_prune_does(tiny_data, tmp_path):
     from fairseq_taskmoe.cli.prune import main as prune_main
-    from fairseq_taskmoe.compat import load_checkpoint
-    from fairseq_taskmoe.export import extract_dense
-    from fairseq_taskmoe.pruning import PruningError, prune_checkpoint
+    from fairseq_taskmoe.deploy.export import extract_dense
+    from fairseq_taskmoe.deploy.pruning import PruningError, prune_checkpoint
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     args, _, model = build_task_and_model(tiny_data, [])  # target / target, 4 experts
     state = checkpoint_of(args, model)

@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from fairseq_taskmoe.losses import load_balancing_loss, router_z_loss
-from fairseq_taskmoe.routing import RoutingDecision, top_k_route
+from fairseq_taskmoe.moe.losses import load_balancing_loss, router_z_loss
+from fairseq_taskmoe.moe.routing import RoutingDecision, top_k_route
 
 
 def test_balance_loss_uniform_routing_is_one():
@@ -37,8 +37,8 @@ def test_frozen_routing_has_no_aux_loss():
 
 
 def test_task_balance_counts_each_task_once():
-    from fairseq_taskmoe.losses import task_balancing_loss
-    from fairseq_taskmoe.routing import top_k_route
+    from fairseq_taskmoe.moe.losses import task_balancing_loss
+    from fairseq_taskmoe.moe.routing import top_k_route
 
     # task 0 (9 tokens) prefers expert 0, task 1 (1 token) expert 1: by tokens the batch looks
     # collapsed onto expert 0, by tasks it is balanced

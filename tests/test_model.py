@@ -77,7 +77,7 @@ def test_generation_routes_each_row_by_its_own_task(tiny_data):
 
 def test_moe_layers_every_other_layer_and_stats(tiny_data):
     args, task, model = build_task_and_model(tiny_data, ["--encoder-layers", "4"])
-    from fairseq_taskmoe.moe_layer import MoELayer
+    from fairseq_taskmoe.moe.moe_layer import MoELayer
     moe = [i for i, l in enumerate(model.encoder.layers) if isinstance(l.ffn, MoELayer)]
     assert moe == [1, 3]
     batch = first_batch(task)
@@ -107,7 +107,7 @@ def test_task_refuses_a_model_that_cannot_take_language_ids(tiny_data):
 
 
 def test_dense_baseline_through_the_same_code(tiny_data):
-    from fairseq_taskmoe.moe_layer import MoELayer
+    from fairseq_taskmoe.moe.moe_layer import MoELayer
     args, task, model = build_task_and_model(tiny_data, ["--moe-freq", "0"])
     assert not any(isinstance(m, MoELayer) for m in model.modules())
     _, extra = model(**first_batch(task)["net_input"])
@@ -155,7 +155,7 @@ def test_reordered_langs_are_refused_when_loading_weights(tiny_data):
 
 
 def test_moe_transformer_is_the_same_model(tiny_data):
-    from fairseq_taskmoe.moe_layer import MoELayer
+    from fairseq_taskmoe.moe.moe_layer import MoELayer
     args, task, model = build_task_and_model(
         tiny_data, ["--arch", "moe_transformer", "--encoder-layers", "2", "--decoder-layers", "2",
                     "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
@@ -207,9 +207,9 @@ def test_ids_from_source_and_decoder_tags(tiny_data):
 
 
 def test_capacity_applies_in_training_only_unless_asked_for_in_eval():
-    from fairseq_taskmoe.experts import ExpertFFNs
-    from fairseq_taskmoe.moe_layer import MoELayer
-    from fairseq_taskmoe.routing import TokenGate
+    from fairseq_taskmoe.moe.experts import ExpertFFNs
+    from fairseq_taskmoe.moe.moe_layer import MoELayer
+    from fairseq_taskmoe.moe.routing import TokenGate
 
     torch.manual_seed(0)
     layer = MoELayer(TokenGate(8, 4, 2), ExpertFFNs(8, [16] * 4, torch.relu, torch.nn.Identity()),

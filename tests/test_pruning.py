@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ROUTINGS, build_task_and_model, first_batch
-from fairseq_taskmoe.pruning import PruningError, parse_pairs, prune_checkpoint
+from fairseq_taskmoe.deploy.pruning import PruningError, parse_pairs, prune_checkpoint
 
 TASK_KINDS = ("target", "lang_pair")
 COMBOS = [(e, d) for e, d in itertools.product(ROUTINGS, ROUTINGS)
@@ -206,7 +206,7 @@ def test_untrained_routes_are_refused_unless_accepted(tiny_data):
 def test_served_pairs_come_from_task_routed_layers_only(tiny_data):
     """token encoder / target decoder pruned for en-de serves every source into de: the token
     layers are kept whole."""
-    from fairseq_taskmoe.task import check_pruned_serves
+    from fairseq_taskmoe.integration.task import check_pruned_serves
     from tiny_data import LANGS
 
     args, task, model = build_task_and_model(

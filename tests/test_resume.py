@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from fairseq_taskmoe import checkpoints as ckpt
+from fairseq_taskmoe.distributed import checkpoints as ckpt
 
 from test_sharding import load, train  # noqa: E402  (conftest puts tests/ on the path)
 
@@ -220,7 +220,7 @@ def test_checkpoint_copies_replace_the_destination_atomically(tmp_path, monkeypa
     the copy leaves the old complete file."""
     from fairseq.file_io import PathManager
 
-    from fairseq_taskmoe.trainer_patch import _CopySharedToo
+    from fairseq_taskmoe.integration.trainer_patch import _CopySharedToo
 
     src, dst = tmp_path / "checkpoint3-rank-1.pt", tmp_path / "checkpoint_last-rank-1.pt"
     src.write_bytes(b"new" * 1000)
@@ -273,8 +273,8 @@ def test_a_fairseq_without_what_the_plugin_patches_is_refused_at_start_up(monkey
     from fairseq.distributed import utils as distributed_utils
     from fairseq.trainer import Trainer
 
-    from fairseq_taskmoe import compat, teardown, trainer_patch
-    from fairseq_taskmoe.fairseq_guard import FairseqMismatch
+    from fairseq_taskmoe.integration import compat, teardown, trainer_patch
+    from fairseq_taskmoe.integration.fairseq_guard import FairseqMismatch
 
     trainer_patch.install()  # this fairseq passes (and installing twice is harmless)
     monkeypatch.delattr(Trainer, "checkpoint_suffix")
@@ -291,6 +291,11 @@ def test_a_fairseq_without_what_the_plugin_patches_is_refused_at_start_up(monkey
     assert "checkpoint_utils.save_checkpoint takes (cfg, trainer), expected (cfg, trainer, " \
         "epoch_itr, val_loss, ...)" in message
     assert "Install fairseq-fixed==0.12.3.1" in message
+    # names the patching module where it lives (integration/), as a module and as a file
+    assert "fairseq_taskmoe.integration.trainer_patch patches internals" in message
+    assert "port fairseq_taskmoe/integration/trainer_patch.py to this fairseq" in message
+    assert os.path.exists(os.path.join(os.path.dirname(__file__), os.pardir,
+                                       "fairseq_taskmoe/integration/trainer_patch.py"))
 
     monkeypatch.delattr(distributed_utils, "distributed_main")
     with pytest.raises(FairseqMismatch, match="distributed_utils.distributed_main is missing"):

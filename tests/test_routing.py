@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fairseq_taskmoe.routing import (
+from fairseq_taskmoe.moe.routing import (
     FrozenTaskRouting, SentenceGate, TaskGate, TaskIds, TokenGate, top_k_route,
 )
 
@@ -136,7 +136,7 @@ def test_frozen_routing_refuses_unserved_task():
 
 
 def test_unseen_pairs_read_the_mean_of_the_trained_rows_into_their_target():
-    from fairseq_taskmoe.routing import task_logit_table, unseen_pair_mixing
+    from fairseq_taskmoe.moe.routing import task_logit_table, unseen_pair_mixing
 
     L = 3  # en, de, fr; trained: en-de, fr-de, de-en
     trained = [(0, 1), (2, 1), (1, 0)]

@@ -138,7 +138,7 @@ def test_api_keys_file_and_rate_limit(tmp_path):
 
 
 def test_sizes_and_checkpoint_digest(tmp_path):
-    from fairseq_taskmoe.checkpoints import find_checkpoint
+    from fairseq_taskmoe.distributed.checkpoints import find_checkpoint
     from fairseq_taskmoe.serve.registry import checkpoint_digest, parse_size
 
     assert parse_size("200MB") == 200 << 20 and parse_size("1.5GB") == int(1.5 * (1 << 30))
@@ -606,9 +606,9 @@ def test_fairseq_backend_served_equals_hub_on_the_pruned_checkpoint(trained, tin
                                                                      cache_dir, tmp_path):
     import torch
 
-    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.deploy.pruning import prune_checkpoint
     from fairseq_taskmoe.hub import load_translator
-    from fairseq_taskmoe.pruning import prune_checkpoint
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     pruned = tmp_path / "en-fr.pt"
     torch.save(prune_checkpoint(load_checkpoint(str(trained)), "en-fr")[0], pruned)
@@ -690,7 +690,7 @@ def test_a_changed_checkpoint_is_never_served_from_the_stale_cache(trained, tiny
     pytest.importorskip("ctranslate2")
     import torch
 
-    from fairseq_taskmoe.compat import load_checkpoint
+    from fairseq_taskmoe.integration.compat import load_checkpoint
 
     state = load_checkpoint(str(trained))
     changed = tmp_path / "changed.pt"

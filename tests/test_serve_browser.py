@@ -22,7 +22,7 @@ for _path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
                     "system-deps)", allow_module_level=True)
 pytest.importorskip("ctranslate2")
 
-from bench_serve import running  # noqa: E402
+from research.bench.load import running  # noqa: E402
 from serve_screenshot import chromium, full_page_screenshot, open_page, translate_in_page  # noqa
 
 TEXT = "e1 e5 e7 e2"  # tiny_data: en words e0..e11, de d0..d11, fr f0..f11

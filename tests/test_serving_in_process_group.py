@@ -19,8 +19,8 @@ SOURCES = ["e1 e2 e3", "e4 e5", "e7 e0 e11 e3"]
 
 def _translate(checkpoint, data):
     """(hypotheses, number of sharded MoE layers) through fairseq_taskmoe.hub.load_translator."""
+    from fairseq_taskmoe.distributed.sharding import sharded_layers
     from fairseq_taskmoe.hub import load_translator
-    from fairseq_taskmoe.sharding import sharded_layers
 
     mt = load_translator(str(checkpoint), data=str(data), source_lang="en", target_lang="fr",
                          beam=4)
@@ -35,7 +35,7 @@ def _rank(rank: int, world_size: int, port: int, checkpoint, data, out_dir):
         from fairseq import tasks
 
         from conftest import parse_train_args
-        from fairseq_taskmoe.sharding import sharded_layers
+        from fairseq_taskmoe.distributed.sharding import sharded_layers
 
         hyps, sharded = _translate(checkpoint, data)
         # in the same group, the training build (fairseq-train's task.build_model) shards

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fairseq_taskmoe.experts import ExpertFFNs
-from fairseq_taskmoe.moe_layer import MoELayer
-from fairseq_taskmoe.routing import TaskIds, build_router
-from fairseq_taskmoe.sharding import ExpertShard, ShardedExpertFFNs, expert_shard
+from fairseq_taskmoe.distributed.sharding import ExpertShard, ShardedExpertFFNs, expert_shard
+from fairseq_taskmoe.moe.experts import ExpertFFNs
+from fairseq_taskmoe.moe.moe_layer import MoELayer
+from fairseq_taskmoe.moe.routing import TaskIds, build_router
 
 E, K, C, F, LANGS = 4, 2, 8, 16, 3
 
@@ -129,8 +129,9 @@ def test_experts_not_divisible_by_world_size_is_a_clear_error():
 
 
 def test_optimizer_state_moves_between_parameter_orders():
-    from fairseq_taskmoe.checkpoints import (full_parameter_order, optimizer_state_by_index,
-                                             optimizer_state_by_name)
+    from fairseq_taskmoe.distributed.checkpoints import (full_parameter_order,
+                                                         optimizer_state_by_index,
+                                                         optimizer_state_by_name)
 
     layer = "encoder.layers.1.ffn.experts"
     local = ["embed.weight", f"{layer}.experts.2.fc1.weight", f"{layer}.experts.2.fc2.weight",
@@ -147,7 +148,7 @@ def test_optimizer_state_moves_between_parameter_orders():
 
 
 def test_checkpoint_prefix_accepts_every_name_of_a_checkpoint():
-    from fairseq_taskmoe.checkpoints import checkpoint_prefix
+    from fairseq_taskmoe.distributed.checkpoints import checkpoint_prefix
 
     for name in ("d/checkpoint_last", "d/checkpoint_last.pt", "d/checkpoint_last-shared.pt",
                  "d/checkpoint_last-rank-3.pt", "d/checkpoint_last-shared-rank-1.pt",
@@ -352,7 +353,7 @@ def _cfg(**changes):
 
 
 def test_training_setup_checks():
-    from fairseq_taskmoe.trainer_patch import check_training_setup
+    from fairseq_taskmoe.integration.trainer_patch import check_training_setup
 
     check_training_setup(_cfg(), 2)
     check_training_setup(_cfg(common__fp16=True, common__fp16_no_flatten_grads=True), 2)

@@ -5,8 +5,8 @@ import torch
 
 from conftest import build_task_and_model, first_batch
 from test_pruning import checkpoint_of, pair_batch, pruned_model
-from fairseq_taskmoe.moe_layer import MoELayer
-from fairseq_taskmoe.pruning import prune_checkpoint
+from fairseq_taskmoe.deploy.pruning import prune_checkpoint
+from fairseq_taskmoe.moe.moe_layer import MoELayer
 
 
 def moe_layers(model):

@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..atomic import write_atomically
-from ..checkpoints import CheckpointError, checkpoint_prefix, consolidate, shared_path
+from ..distributed.checkpoints import CheckpointError, checkpoint_prefix, consolidate, shared_path
 
 
 def build_parser():

@@ -13,11 +13,11 @@ import os
 import sys
 
 from ..atomic import write_atomically
-from ..checkpoints import CheckpointError, find_checkpoint, load_any
-from ..compat import load_checkpoint
-from ..export import (CONVENTION_FILE, ExportError, extract_dense, fairseq_flags,
-                      to_fairseq_transformer, write_ctranslate2)
-from ..pruning import PruningError
+from ..deploy.export import (CONVENTION_FILE, ExportError, extract_dense, fairseq_flags,
+                             to_fairseq_transformer, write_ctranslate2)
+from ..deploy.pruning import PruningError
+from ..distributed.checkpoints import CheckpointError, find_checkpoint, load_any
+from ..integration.compat import load_checkpoint
 
 # CTranslate2's weight types (ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES), listed here so
 # that --help and --format fairseq work without CTranslate2 installed

@@ -12,8 +12,8 @@ import sys
 def build_parser():
     from fairseq.dataclass.utils import gen_parser_from_dataclass
 
-    from ..config import MoEConfig
-    from ..criterion import MoELabelSmoothedCrossEntropyConfig
+    from ..integration.config import MoEConfig
+    from ..integration.criterion import MoELabelSmoothedCrossEntropyConfig
 
     parser = argparse.ArgumentParser(
         prog="fairseq-train --user-dir user_dir --task translation_task_moe --arch task_moe",

@@ -10,8 +10,8 @@ import os
 import sys
 
 from ..atomic import write_atomically
-from ..checkpoints import CheckpointError, checkpoint_bytes, find_checkpoint, load_any
-from ..pruning import PruneReport, PruningError, prune_checkpoint
+from ..distributed.checkpoints import CheckpointError, checkpoint_bytes, find_checkpoint, load_any
+from ..deploy.pruning import PruneReport, PruningError, prune_checkpoint
 
 
 def build_parser():

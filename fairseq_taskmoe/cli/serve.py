@@ -69,6 +69,23 @@ def build_parser():
     p.add_argument("--threads", type=int, default=1, help="threads per engine call")
     p.add_argument("--beam", type=int, default=4, help="beam size")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    scale = p.add_argument_group("scale-out on Ray Serve (needs the `ray` extra: pip install "
+                               "'fairseq-taskmoe[ray]'; docs/serving.md)")
+    scale.add_argument("--engine", choices=("embedded", "ray"), default="embedded",
+                       help="embedded: this process serves; ray: the same API on Ray Serve, the "
+                       "sub-networks spread over --replicas replicas (model multiplexing)")
+    scale.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster to join (auto: "
+                       "the one `ray start` runs on this machine; HOST:6379); default: start a "
+                       "local one")
+    scale.add_argument("--replicas", type=int, default=1, help="Translator replicas (one "
+                       "engine thread each, --threads)")
+    scale.add_argument("--pairs-per-replica", type=int, default=3, metavar="K",
+                       help="sub-networks one replica keeps loaded (least recently used evicted); "
+                       "replaces --memory-budget under --engine ray")
+    scale.add_argument("--max-ongoing", type=int, default=8, metavar="N",
+                       help="requests one replica works on at once (its batches form from them); "
+                       "when every replica holding a pair's sub-network is that busy, the pair "
+                       "spreads to another replica (default 8)")
     return p
 
 
@@ -80,8 +97,8 @@ def _fail(message: str):
 def make_service(args):
     """Parse and check everything, build (or find in the cache) the sub-networks; exits 2 with a
     message on bad input."""
-    from ..checkpoints import CheckpointError
-    from ..pruning import PruningError
+    from ..deploy.pruning import PruningError
+    from ..distributed.checkpoints import CheckpointError
     from ..serve.keys import KeyGuard, load_keys
     from ..serve.metrics import Metrics
     from ..serve.registry import Registry, parse_size
@@ -98,6 +115,20 @@ def make_service(args):
             _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.alternatives_limit < 0 or args.max_wait_ms < 0 or args.timeout <= 0:
         _fail("--alternatives-limit and --max-wait-ms must be >= 0, --timeout > 0")
+    engine = getattr(args, "engine", "embedded")
+    if engine == "ray":
+        if args.replicas < 1 or args.pairs_per_replica < 1 or args.max_ongoing < 1:
+            _fail("--replicas, --pairs-per-replica and --max-ongoing must be >= 1")
+        if args.memory_budget:
+            _fail("--memory-budget is for the embedded engine; under --engine ray each replica "
+                  "keeps --pairs-per-replica sub-networks")
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            _fail("--engine ray needs Ray Serve: pip install 'ray[serve]' (or the package's "
+                  "`ray` extra)")
+    elif getattr(args, "ray_address", None):
+        _fail("--ray-address needs --engine ray")
     try:
         budget = parse_size(args.memory_budget) if args.memory_budget else None
         body_limit = parse_size(args.body_limit)
@@ -151,6 +182,13 @@ def main(argv=None):
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service, keys = make_service(args)
+    if args.engine == "ray":
+        # the sub-networks are now in --cache-dir: the replicas load them from there
+        service.batcher.close()
+        del service
+        from ..serve.ray_engine import serve_forever
+
+        return serve_forever(args)
     import uvicorn
 
     from ..serve.app import create_app

@@ -339,6 +339,7 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        await service.refreshed()
         return {"status": "ok", "subnetworks_loaded": len(service.registry.loaded_keys()),
                 "queue": service.batcher.pending()}
 
@@ -353,6 +354,7 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_endpoint():
+        await service.refreshed()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/pairs/{pair}")
@@ -365,6 +367,7 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
             raise ApiError(404, f"no pair {pair}", f"write SRC-TGT with two different languages "
                            f"of {', '.join(langs)}")
         request.state.pair = pair
+        await service.refreshed()
         return service.pair_info(m.group(1), m.group(2))
 
     add_page(app)  # GET /: the web page (page.py)

@@ -51,6 +51,9 @@ class Metrics:
                                  ["subnetwork"], registry=r)
         self.load_seconds = Histogram("taskmoe_subnetwork_load_seconds", "time to load one",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        # --engine ray only: legs whose replica died under them (sent again, or answered 503)
+        self.replica_losses = Counter("taskmoe_replica_losses", "legs whose replica was lost "
+                                      "(--engine ray)", ["subnetwork", "outcome"], registry=r)
         self.rss = Gauge("taskmoe_resident_memory_bytes", "resident set size of the process",
                          registry=r)
         self.rss.set_function(resident_bytes)

@@ -33,11 +33,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..atomic import write_atomically, write_text_atomically
-from ..checkpoints import Found, checkpoint_bytes, checkpoint_files, find_checkpoint, load_any
-from ..compat import load_checkpoint
-from ..pairs import serves  # the one rule of what a pruned/exported model serves
-from ..pruning import PruningError, count_parameters, model_args, prune_checkpoint, trained_pairs
-from ..routing import TASK_ROUTING_KINDS
+from ..deploy.pruning import (PruningError, count_parameters, model_args, prune_checkpoint,
+                              trained_pairs)
+from ..distributed.checkpoints import (Found, checkpoint_bytes, checkpoint_files, find_checkpoint,
+                                       load_any)
+from ..integration.compat import load_checkpoint
+from ..moe.pairs import serves  # the one rule of what a pruned/exported model serves
+from ..moe.routing import TASK_ROUTING_KINDS
 from .routes import ModelFacts
 
 log = logging.getLogger("taskmoe.serve")
@@ -288,7 +290,7 @@ class Registry:
         if self.backend == "fairseq":
             write_atomically(pruned, sub.path)
             return
-        from ..export import extract_dense, write_ctranslate2
+        from ..deploy.export import extract_dense, write_ctranslate2
 
         if os.path.lexists(sub.path):
             shutil.rmtree(sub.path, ignore_errors=True)

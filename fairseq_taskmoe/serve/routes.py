@@ -20,10 +20,10 @@ loaded, so `/languages` and every request are planned by the same code.
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..config import MoEConfig
-from ..pairs import serves
-from ..pruning import untrained_routes, parse_pairs
-from ..routing import TASK_ROUTING_KINDS
+from ..deploy.pruning import untrained_routes, parse_pairs
+from ..integration.config import MoEConfig
+from ..moe.pairs import serves
+from ..moe.routing import TASK_ROUTING_KINDS
 
 Pair = Tuple[str, str]
 DIRECT, PIVOT, ZERO_SHOT, UNAVAILABLE = "direct", "pivot", "zero-shot", "unavailable"

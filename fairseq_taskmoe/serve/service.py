@@ -56,6 +56,13 @@ class Service:
             self.spm = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
         # language token and </s> take two of the model's source positions
         self.max_tokens = registry.max_source_positions - 2
+        # what /metrics, /health and /pairs await before answering: nothing for the embedded
+        # server; under Ray Serve, asking every replica for its metrics (ray_engine.py)
+        self.refresh = None
+
+    async def refreshed(self):
+        if self.refresh is not None:
+            await self.refresh()
 
     @classmethod
     def build(cls, registry: Registry, limits: ServeLimits, pivot: str = "auto",
