@@ -1,0 +1,473 @@
+"""taskmoe-serve --engine ray: the same API on Ray Serve, on a local Ray cluster.
+
+The first tests start no Ray: the fleet metrics (fleet.py), the flags, and that the embedded
+server never imports Ray. The others start one local cluster for the module (2 CPUs, no
+dashboard; always shut down), deploy the real application (ray_engine.deploy) on the tiny
+trained model of tests/test_serve.py and talk HTTP to it. The fault test (slow) kills a
+replica's process under load."""
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+
+from test_cli import ENV, REPO
+from test_serve import PAIRS4, base_args, free_port, make_service, metric, sentences, serving
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+
+# --- no Ray started -----------------------------------------------------------------------------
+
+
+def test_fleet_sums_replicas_keeps_counters_of_dead_ones_and_drops_their_gauges():
+    from fairseq_taskmoe.serve.fleet import Fleet, snapshot
+    from fairseq_taskmoe.serve.metrics import Metrics
+
+    a, b, ingress = Metrics(), Metrics(), Metrics()
+    a.loads.labels("*-de").inc()
+    b.loads.labels("*-de").inc(2)
+    b.loads.labels("*-fr").inc()
+    a.loaded.set(1)
+    b.loaded.set(2)
+    a.batch_requests.labels("*-de").observe(3)
+    fleet = Fleet(own_rss=False)
+    fleet.adopt(ingress)
+    fleet.update("r1", snapshot(a), ["*-de"], 11)
+    fleet.update("r2", snapshot(b), ["*-de", "*-fr"], 12)
+    ingress.requests.labels("/translate", "200", "en-de").inc()
+    text = ingress.render().decode()
+    assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork="*-de") == 3
+    assert metric(text, "taskmoe_subnetworks_loaded") == 3
+    assert metric(text, "taskmoe_batch_requests_sum", subnetwork="*-de") == 3
+    assert metric(text, "taskmoe_requests_total", endpoint="/translate", status="200",
+                  pair="en-de") == 1  # the ingress's own families stay
+    assert fleet.loaded_keys() == ["*-de", "*-fr"]
+    fleet.live_only(["r1"])  # r2 did not answer the broadcast: dead
+    text = ingress.render().decode()
+    assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork="*-de") == 3  # kept
+    assert metric(text, "taskmoe_subnetworks_loaded") == 1  # only live replicas
+    assert fleet.loaded_keys() == ["*-de"]
+    assert text.count("# TYPE taskmoe_subnetwork_loads_total counter") == 1
+
+
+def test_engine_flags_are_checked(tmp_path, capsys):
+    def fails(extra, message):
+        with pytest.raises(SystemExit) as exit_:
+            make_service([tmp_path / "x.pt", "--data", tmp_path, *extra])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    fails(["--ray-address", "auto"], "--ray-address needs --engine ray")
+    fails(["--engine", "ray", "--replicas", "0"],
+          "--replicas, --pairs-per-replica and --max-ongoing must be >= 1")
+    fails(["--engine", "ray", "--max-ongoing", "0"], "--max-ongoing must be >= 1")
+    fails(["--engine", "ray", "--memory-budget", "1GB"],
+          "under --engine ray each replica keeps --pairs-per-replica")
+
+
+def test_the_embedded_server_does_not_import_ray():
+    code = ("import sys; from fairseq_taskmoe.cli import serve; "
+            "from fairseq_taskmoe.serve import app, service, registry, batcher, fleet; "
+            "serve.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, check=True, timeout=120)
+
+
+class FakeHandle:
+    """A DeploymentHandle whose calls answer from a script: an exception to raise, or hyps."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), []
+
+    def options(self, multiplexed_model_id):
+        self.key = multiplexed_model_id
+        return self
+
+    @property
+    def translate(self):
+        return self
+
+    def remote(self, payload):
+        self.calls.append((self.key, payload["texts"]))
+        outcome = self.script.pop(0)
+
+        async def answer():
+            if isinstance(outcome, Exception):
+                raise outcome
+            return {"hyps": outcome}
+
+        return answer()
+
+
+def test_handle_batcher_retries_a_lost_replica_and_refuses_cleanly():
+    """A leg whose replica died is sent again (translation is idempotent: one answer per
+    request); Ray's back-pressure and a replica lost on every try are 503s (QueueFull)."""
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    import asyncio
+
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from fairseq_taskmoe.serve.batcher import Job, QueueFull
+    from fairseq_taskmoe.serve.fleet import Fleet
+    from fairseq_taskmoe.serve.ray_engine import HandleBatcher, ReplicaLost
+
+    async def leg(script):
+        handle = FakeHandle(script)
+        fleet = Fleet(own_rss=False)
+        fleet.update("dead", [], ["*-de"])
+        batcher = HandleBatcher(handle, fleet, retries=2)
+        future = batcher.submit("*-de", Job(["e1 e2"], "en", "de", 4, 1, 4))
+        try:
+            return await asyncio.wrap_future(future), handle.calls, fleet
+        finally:
+            assert batcher.pending() == 0
+
+    hyps, calls, fleet = asyncio.run(leg([RayActorError("dead", "gone"), [["D1"]]]))
+    assert hyps == [["D1"]] and calls == [("*-de", ["e1 e2"])] * 2
+    assert fleet.replicas()["dead"]["live"] is False
+    with pytest.raises(QueueFull, match="queue is full"):
+        asyncio.run(leg([BackPressureError(5, 5)]))
+    with pytest.raises(ReplicaLost, match="the replica serving \\*-de was lost"):
+        asyncio.run(leg([RayActorError("dead", "gone")] * 3))
+
+
+def test_serve_run_options_are_taskmoe_serve_flags():
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    from fairseq_taskmoe.cli.serve import build_parser
+    from fairseq_taskmoe.serve.ray_engine import builder_argv
+
+    argv = builder_argv({"checkpoint": "c.pt", "data": "bin", "replicas": "2",
+                         "pairs_per_replica": 2, "no_cross_batching": "true",
+                         "max_wait_ms": "5"})
+    assert argv == ["c.pt", "--data", "bin", "--replicas", "2", "--pairs-per-replica", "2",
+                    "--no-cross-batching", "--max-wait-ms", "5", "--engine", "ray"]
+    args = build_parser().parse_args(argv)
+    assert (args.engine, args.replicas, args.no_cross_batching) == ("ray", 2, True)
+
+
+# --- on a local Ray cluster ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained_tiny):
+    return trained_tiny
+
+
+@pytest.fixture(scope="module")
+def ray_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ray-serve-cache")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster with Serve's HTTP proxy on a free port of 127.0.0.1."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    pytest.importorskip("ctranslate2")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextmanager
+def ray_serving(argv, port):
+    """The application on the module's cluster; yields (URL, args). The sub-networks are built
+    first by this process (the `taskmoe-serve` start-up), as the command does."""
+    from fairseq_taskmoe.cli.serve import build_parser
+    from fairseq_taskmoe.serve import ray_engine
+
+    args = build_parser().parse_args([str(a) for a in argv] + [
+        "--engine", "ray", "--host", "127.0.0.1", "--port", str(port)])
+    service, _ = make_service([str(a) for a in argv] + ["--engine", "ray"])
+    service.batcher.close()
+    url = ray_engine.deploy(args)
+    try:
+        yield url, args
+    finally:
+        ray_engine.undeploy(shutdown=False)
+
+
+def requests_for(tiny_data):
+    """Arrays and single texts on 4 pairs (one pivot), alternatives, html, and refusals."""
+    en, de = sentences(tiny_data, "en"), sentences(tiny_data, "de")
+    out = []
+    for pair in PAIRS4:
+        src, tgt = pair.split("-")
+        texts = en if src == "en" else de
+        out.append({"q": texts[:6], "source": src, "target": tgt})
+        out += [{"q": t, "source": src, "target": tgt} for t in texts[6:9]]
+    out += [{"q": en[0], "source": "en", "target": "de", "alternatives": 2},
+            {"q": de[1], "source": "de", "target": "fr", "alternatives": 1},
+            {"q": f"<p>{en[2]}</p>", "source": "en", "target": "fr", "format": "html"},
+            {"q": "e1", "source": "en", "target": "zz"},
+            {"q": "f1 f2", "source": "fr", "target": "de"},
+            {"q": "e1 " * 1100, "source": "en", "target": "de"}]
+    return out
+
+
+def ask_all(url, bodies):
+    with httpx.Client(timeout=120) as client:
+        return [(r.status_code, r.json()) for r in
+                (client.post(url + "/translate", json=b) for b in bodies)]
+
+
+def test_ray_answers_equal_the_embedded_servers(trained_model, tiny_data, ray_cache, cluster):
+    argv = base_args(trained_model, tiny_data, ray_cache, "--quantization", "float32",
+                     "--char-limit", "3000")
+    bodies = requests_for(tiny_data)
+    with serving(argv) as (url, _):
+        want = ask_all(url, bodies)
+        want_languages = httpx.get(url + "/languages").json()
+        want_pair = httpx.get(url + "/pairs/de-fr").json()
+    assert [s for s, _ in want].count(200) == len(bodies) - 3
+    with ray_serving(argv, cluster) as (url, _):
+        assert ask_all(url, bodies) == want
+        assert httpx.get(url + "/languages").json() == want_languages
+        pair = httpx.get(url + "/pairs/de-fr").json()
+        for sub in pair["subnetworks"] + want_pair["subnetworks"]:
+            sub.pop("loaded")  # which process holds what differs; the rest is the same
+        assert pair == want_pair
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "ok" and health["subnetworks_loaded"] == 3
+        text = httpx.get(url + "/metrics").text
+        for key in ("*-de", "*-en", "*-fr"):  # one replica, K=3: each loaded once
+            assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork=key) == 1, key
+        assert metric(text, "taskmoe_requests_total", endpoint="/translate", status="200",
+                      pair="de-fr") == 3 + 1 + 1
+        assert metric(text, "taskmoe_batch_requests_count", subnetwork="*-en") >= 1
+        assert httpx.get(url + "/").status_code == 200  # the web page
+        assert "/translate" in httpx.get(url + "/openapi.json").json()["paths"]
+
+
+def mixed_load(tiny_data, n):
+    source = {lang: sentences(tiny_data, lang) for lang in ("en", "de")}
+    return [(PAIRS4[i % 4], source[PAIRS4[i % 4][:2]][i % 24]) for i in range(n)]
+
+
+def translate_one(client, url, item):
+    pair, text = item
+    src, tgt = pair.split("-")
+    return client.post(url + "/translate", json={"q": text, "source": src, "target": tgt})
+
+
+def test_two_replicas_keep_their_sub_networks(trained_model, tiny_data, ray_cache, cluster):
+    """--replicas 2 --pairs-per-replica 2, 3 sub-networks (*-de, *-en, *-fr): a mixed 4-pair
+    load (80 legs) is served with a bounded number of loads (multiplexing routes each leg to a
+    replica that holds its sub-network), and every answer equals the single request's."""
+    argv = base_args(trained_model, tiny_data, ray_cache, "--quantization", "float32",
+                     "--replicas", "2", "--pairs-per-replica", "2", "--max-wait-ms", "20")
+    work = mixed_load(tiny_data, 64)
+    with ray_serving(argv, cluster) as (url, _):
+        with httpx.Client(timeout=120) as client:
+            singles = {item: translate_one(client, url, item).json() for item in set(work)}
+        with ThreadPoolExecutor(8) as pool, httpx.Client(timeout=120) as client:
+            answers = list(pool.map(lambda item: translate_one(client, url, item), work))
+        assert [a.status_code for a in answers] == [200] * len(work)
+        for item, answer in zip(work, answers):
+            assert answer.json() == singles[item], item
+        text = httpx.get(url + "/metrics").text
+        loads = {k: metric(text, "taskmoe_subnetwork_loads_total", subnetwork=k)
+                 for k in ("*-de", "*-en", "*-fr")}
+        legs = sum(metric(text, "taskmoe_batch_requests_sum", subnetwork=k) for k in loads)
+        print(f"loads {loads}, legs {legs}")
+        # the singles, then the load: one leg per request, two for de-fr (pivot)
+        assert legs == sum(2 if p == "de-fr" else 1 for p, _ in list(set(work)) + work)
+        assert all(n >= 1 for n in loads.values()) and sum(loads.values()) <= 8, loads
+
+
+def replica_reports(timeout=30.0):
+    """The live Translator replicas' reports (name, pid, loaded, ...), by asking each."""
+    from ray import serve
+
+    from fairseq_taskmoe.serve.ray_engine import APP
+
+    handle = serve.get_deployment_handle("Translator", app_name=APP)
+    return handle.broadcast("report").results(timeout_s=timeout)
+
+
+def replica_pids(timeout=30.0):
+    """{replica name: pid} of the live Translator replicas."""
+    return {r["name"]: r["pid"] for r in replica_reports(timeout)}
+
+
+@pytest.mark.slow
+def test_a_killed_replica_loses_no_request(trained_model, tiny_data, ray_cache, cluster):
+    """Kill one of 2 replicas while 96 requests from 6 clients run: every request is answered
+    exactly once, with the right translation (a retry inside the service, or a 503 that the
+    client's single retry answers), and the deployment is back to 2 replicas. The victim is the
+    replica holding the most sub-networks, frozen (SIGSTOP) as soon as it reports 2 legs in
+    flight, and killed a second later, so that legs die with it. A lost leg is re-sent by the
+    service (HandleBatcher, counted in taskmoe_replica_losses_total) or, when the replica had
+    not yet confirmed it, by Ray's router."""
+    from fairseq_taskmoe.serve.ray_engine import replica_counts
+
+    argv = base_args(trained_model, tiny_data, ray_cache, "--quantization", "float32",
+                     "--replicas", "2", "--pairs-per-replica", "3")
+    work = mixed_load(tiny_data, 96)
+    with ray_serving(argv, cluster) as (url, _):
+        with httpx.Client(timeout=120) as client:
+            singles = {item: translate_one(client, url, item).json() for item in set(work)}
+        reports = replica_reports()
+        assert len(reports) == 2
+        # the replica that holds the sub-networks (multiplexing keeps a quiet load on one)
+        victim = max(reports, key=lambda r: (len(r["loaded"]), r["pid"]))["pid"]
+        answered, retried, frozen_with = [], [], []
+        lock = threading.Lock()
+
+        def ask(i):
+            with httpx.Client(timeout=120) as client:
+                answer = translate_one(client, url, work[i])
+                if answer.status_code == 503:  # a clean refusal: the client retries once
+                    with lock:
+                        retried.append((i, answer.json()["error"]))
+                    time.sleep(float(answer.headers.get("Retry-After", "1")))
+                    answer = translate_one(client, url, work[i])
+                with lock:
+                    answered.append(i)
+                return answer
+
+        def killer():
+            deadline = time.time() + 60
+            while len(answered) < 12 and time.time() < deadline:
+                time.sleep(0.01)
+            while time.time() < deadline:  # until legs are in flight on the victim
+                ongoing = {r["pid"]: r["ongoing"] for r in replica_reports()}
+                if ongoing.get(victim, 0) >= 2:
+                    break
+            os.kill(victim, signal.SIGSTOP)  # what it holds now dies with it
+            frozen_with.append(ongoing.get(victim, 0))
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+
+        kill = threading.Thread(target=killer)
+        kill.start()
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(len(work))))
+        kill.join()
+        print(f"503s retried by the client: {retried}")
+        assert len(answered) == len(work) and sorted(answered) == list(range(len(work)))
+        assert [a.status_code for a in answers] == [200] * len(work), [
+            (a.status_code, a.text) for a in answers if a.status_code != 200]
+        for item, answer in zip(work, answers):
+            assert answer.json() == singles[item], item
+        text = httpx.get(url + "/metrics").text
+        lost = {(k, outcome): metric(text, "taskmoe_replica_losses_total", subnetwork=k,
+                                     outcome=outcome)
+                for k in ("*-de", "*-en", "*-fr") for outcome in ("retried", "refused")}
+        print(f"legs in flight on the victim when frozen: {frozen_with}; of them re-sent by "
+              f"the service (the others, not yet confirmed by the replica, by Ray's router): "
+              f"{lost}")
+        assert frozen_with and frozen_with[0] >= 2, "no legs were in flight on the victim"
+        assert sum(n for (_, outcome), n in lost.items() if outcome == "refused") <= len(retried)
+        deadline = time.time() + 120
+        while replica_counts().get("RUNNING") != 2:
+            assert time.time() < deadline, replica_counts()
+            time.sleep(1)
+        now = replica_pids()
+        assert len(now) == 2 and victim not in now.values()
+        with httpx.Client(timeout=120) as client:
+            assert translate_one(client, url, work[3]).json() == singles[work[3]]
+
+
+@pytest.mark.slow
+def test_the_command_joins_a_cluster_started_with_ray_start(trained_model, tiny_data, ray_cache,
+                                                           tmp_path):
+    import tempfile
+    """The documented set-up on one machine: `ray start --head`, then `taskmoe-serve ...
+    --engine ray --ray-address HOST:PORT` (the real command, a process of its own) serves; on
+    SIGTERM it deletes its application, exits 0 and leaves the cluster running."""
+    from test_cli import BIN
+    from test_serve import free_port
+
+    gcs, port = free_port(), free_port()
+    # short: Ray's socket paths under it must fit the 107 characters of a Unix socket name
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # `ray start` turns token authentication on (Ray 2.60): the command must send the token
+    env = dict(ENV, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+             str(gcs), "--num-cpus", "1", "--include-dashboard", "false",
+             "--temp-dir", temp_dir]
+    subprocess.run(start, env=env, check=True, timeout=180, capture_output=True)
+    log = open(tmp_path / "serve.log", "w")
+    proc = None
+    try:
+        argv = [str(a) for a in base_args(trained_model, tiny_data, ray_cache, "--quantization",
+                                          "float32")]
+        refused = subprocess.run(  # without the token: a clear error, no traceback
+            [str(BIN / "taskmoe-serve"), *argv, "--engine", "ray", "--ray-address",
+             f"127.0.0.1:{gcs}", "--port", str(port)], cwd=REPO, capture_output=True,
+            text=True, timeout=300, env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"})
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert "RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
+        proc = subprocess.Popen(
+            [str(BIN / "taskmoe-serve"), *argv, "--engine", "ray", "--ray-address",
+             f"127.0.0.1:{gcs}", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        text = sentences(tiny_data, "de")[0]
+        answer = httpx.post(url + "/translate", json={"q": text, "source": "de",
+                                                      "target": "fr"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["route"] == {"kind": "pivot", "via": "en"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        status = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{gcs}"],
+                                env=env, timeout=60, capture_output=True, text=True)
+        assert status.returncode == 0, status.stderr  # the cluster outlives the command
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        log.close()
+        stop_cluster(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_cluster(temp_dir, gcs_port):
+    """Kill the processes of the cluster whose --temp-dir is temp_dir, and its client server
+    (which names the head's port instead); not `ray stop`, which stops every Ray process of the
+    machine, the module's cluster included."""
+    import psutil
+
+    def ours(cmdline):
+        return str(temp_dir) in cmdline or (
+            "ray.util.client.server" in cmdline and f":{gcs_port} " in cmdline + " ")
+
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if ours(" ".join(p.info["cmdline"] or [])) and p.pid != os.getpid()]
+    mine = {p.pid: p for p in roots}
+    for p in roots:  # with their children (Ray's agents do not name the folder)
+        with contextlib.suppress(psutil.Error):
+            mine.update((c.pid, c) for c in p.children(recursive=True))
+    mine = list(mine.values())
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(mine, timeout=30)
