@@ -10,7 +10,8 @@ Two deployments (REFERENCE.md, "Multi-pair translation servers": Ray Serve):
 - `Translator` (`--replicas N`): `@serve.multiplexed(max_num_models_per_replica=K)` loads a
   sub-network from the shared `--cache-dir` (Registry._load: the registry's own load, with its
   rebuild of a corrupt artifact; `--pairs-per-replica K`, Ray's LRU evicts beyond), and Ray
-  routes each request to a replica that holds its model. `@serve.batch` collects concurrent
+  routes each leg to a replica that holds its model while one has fewer than `--max-ongoing`
+  legs in progress (else to another, which loads it). `@serve.batch` collects concurrent
   requests (split by model id, at most `--max-batch-tokens` source tokens, waiting at most
   `--max-wait-ms`); what happens in one engine call is the embedded server's
   (`Batcher._translate`: grouped by decoding options, sorted by length, batch metrics).
@@ -19,8 +20,10 @@ Sub-networks are built once: by the start-up of the `taskmoe-serve` process (Reg
 before Ray is started); every replica then finds them in the cache (on another machine without
 that folder it builds them itself, once, with the same code). The replicas' metrics reach
 `/metrics` through fleet.py: `/metrics`, `/health` and `/pairs` ask every replica first
-(`DeploymentHandle.broadcast`), so answers carry translations only. A leg whose replica dies is retried on another one (translation
-is idempotent); when retries are used up the request is answered 503 with Retry-After.
+(`DeploymentHandle.broadcast`), so answers carry translations only. A leg whose replica dies
+is sent again (by Ray's router when the replica had not confirmed it, else here, counted in
+taskmoe_replica_losses_total; translation is idempotent); when the retries are used up the
+request is answered 503 with Retry-After.
 
 Ray is imported only here, and this module only under `--engine ray`.
 """

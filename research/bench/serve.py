@@ -19,7 +19,8 @@ latency p50/p95/p99 (per request, client side), and from /metrics the requests p
 
 Part "arch" (random weights, --embed-dim 512, --layers 6+6, every --moe-freq-th layer MoE with E
 experts of width --ffn-dim/2, top-2, for E in --experts; the checkpoints are built as
-research/bench/variants.py builds the inference benchmark's variants a and b, and cached under --work):
+research/bench/variants.py builds the inference benchmark's variants a and b, and cached under
+--work):
   token-MoE  token/token routing, served whole (fairseq backend: nothing can be pruned)
   task-MoE   target/target routing, served pruned per target (CTranslate2, --quantization)
 under the same load (random dictionary words, --src-len per sentence, mixed trained pairs, at
