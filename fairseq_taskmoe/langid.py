@@ -8,7 +8,8 @@ language with most votes wins; ties and sentences without any evidence give None
 
 It is meant for Multi30k-style image captions (short, full of articles and prepositions), where
 its accuracy is measured on the references of the test set by the quality study
-(`python -m research.study`) and reported next to every off-target rate. It is not a general-purpose detector.
+(`python -m research.study`) and reported next to every off-target rate. It is not a
+general-purpose detector.
 """
 
 import re
