@@ -12,7 +12,6 @@ Pure prometheus-client: no Ray here, so it is unit-testable alone.
 """
 
 import threading
-import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from prometheus_client.metrics_core import Metric
@@ -48,7 +47,6 @@ class _Replica:
         self.loaded: List[str] = []
         self.pid: Optional[int] = None
         self.live = True
-        self.seen = 0.0
 
 
 class Fleet:
@@ -76,7 +74,7 @@ class Fleet:
         with self._lock:
             entry = self._replicas.setdefault(replica, _Replica())
             entry.families, entry.loaded, entry.pid = families, list(loaded), pid
-            entry.live, entry.seen = True, time.monotonic()
+            entry.live = True
 
     def live_only(self, replicas: Iterable[str]):
         """Every replica not in `replicas` (the ones that answered a broadcast) is dead."""
@@ -100,15 +98,6 @@ class Fleet:
         with self._lock:
             keys = {k for e in self._replicas.values() if e.live for k in e.loaded}
         return sorted(keys)
-
-    def total(self, sample: str, **labels) -> float:
-        """One summed sample, e.g. total("taskmoe_subnetwork_loads_total", subnetwork="*-de")."""
-        want = tuple(sorted(labels.items()))
-        for family in self.collect():
-            for s in family.samples:
-                if s.name == sample and (not labels or tuple(sorted(s.labels.items())) == want):
-                    return s.value
-        return 0.0
 
     def collect(self):
         with self._lock:

@@ -8,7 +8,7 @@ Two deployments (REFERENCE.md, "Multi-pair translation servers": Ray Serve):
   route is ONE call to the Translator deployment with the leg's sub-network key (`*-de`) as the
   multiplexed model id, so the two legs of a pivot may run on different replicas.
 - `Translator` (`--replicas N`): `@serve.multiplexed(max_num_models_per_replica=K)` loads a
-  sub-network from the shared `--cache-dir` (Registry._load: the registry's own load, with its
+  sub-network from the shared `--cache-dir` (Registry.held: the registry's own load, with its
   rebuild of a corrupt artifact; `--pairs-per-replica K`, Ray's LRU evicts beyond), and Ray
   routes each leg to a replica that holds its model while one has fewer than `--max-ongoing`
   legs in progress (else to another, which loads it). `@serve.batch` collects concurrent
@@ -90,9 +90,9 @@ class _Held:
 class _Resident:
     """What the multiplexed loader returns; Ray calls its `__del__` when it evicts it (LRU)."""
 
-    def __init__(self, key: str, engine, on_evict):
-        self.key, self.engine = key, engine
-        self.__del__ = on_evict  # an instance attribute: only Ray calls it, once
+    def __init__(self, engine, on_evict):
+        self.engine = engine
+        self.__del__ = on_evict  # an instance attribute: only Ray calls it
 
 
 class TranslatorCore:
@@ -105,44 +105,23 @@ class TranslatorCore:
         service, _ = make_service(args)  # finds the sub-networks in the cache; no threads start
         self.registry, self.metrics = service.registry, service.registry.metrics
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
-        self.resident: Dict[str, int] = {}  # key -> bytes charged
         self.ongoing = 0  # legs accepted and not yet answered
         try:
             self.name = ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
         except Exception:  # outside an actor (unit tests)
             self.name = f"pid-{os.getpid()}"
 
-    def _gauges(self):
-        self.metrics.loaded.set(len(self.resident))
-        self.metrics.loaded_bytes.set(sum(self.resident.values()))
-
-    def _evicted(self, key: str):
-        self.resident.pop(key, None)
-        self.registry.evictions += 1
-        self.metrics.evictions.labels(key).inc()
-        self._gauges()
-        log.info("evicted sub-network %s (replica %s)", key, self.name)
-
     async def load(self, key: str) -> _Resident:
-        """As Registry.use loads: a sub-network that failed once answers 503 at once."""
-        sub = self.registry.subnetwork(key)
-        if sub.error:
-            raise Unavailable(f"sub-network {key}: {sub.error}")
+        """Registry.held: a sub-network that failed once answers 503 at once."""
         loop = asyncio.get_running_loop()
-        try:
-            engine = await loop.run_in_executor(self.pool, self.registry._load, sub)
-        except Exception as err:
-            if sub.error is None:
-                sub.error = str(err)
-            raise err if isinstance(err, Unavailable) else Unavailable(
-                f"sub-network {key}: {err}") from err
-        self.resident[key] = sub.bytes
-        self._gauges()
-        return _Resident(key, engine, lambda: self._evicted(key))
+        engine = await loop.run_in_executor(self.pool, self.registry.held, key)
+        return _Resident(engine, lambda: self.registry.dropped(
+            key, f"replica {self.name}, --pairs-per-replica"))
 
     def report(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "loaded": sorted(self.resident),
-                "ongoing": self.ongoing, "metrics": snapshot(self.metrics)}
+        return {"name": self.name, "pid": os.getpid(),
+                "loaded": sorted(self.registry.loaded_keys()), "ongoing": self.ongoing,
+                "metrics": snapshot(self.metrics)}
 
     def failed(self, jobs: List[dict], err: Exception) -> List[dict]:
         return [self._error(err) for _ in jobs]

@@ -382,13 +382,46 @@ class Registry:
             if victim is None:
                 return False
             del self._loaded[victim]
-            self.evictions += 1
-            if self.metrics:
-                self.metrics.evictions.labels(victim).inc()
-            log.info("evicted sub-network %s (memory budget %s)", victim,
-                     human(self.memory_budget))
+            self._count_eviction(victim, f"memory budget {human(self.memory_budget)}")
             gc.collect()
         return True
+
+    def _count_eviction(self, key: str, why: str):
+        self.evictions += 1
+        if self.metrics:
+            self.metrics.evictions.labels(key).inc()
+        log.info("evicted sub-network %s (%s)", key, why)
+
+    def _load_or_remember(self, sub: Subnetwork):
+        """_load; a failure is remembered on the sub-network (later requests for it answer
+        Unavailable at once) and raised as Unavailable."""
+        try:
+            return self._load(sub)
+        except Exception as err:
+            if sub.error is None:
+                sub.error = str(err)
+            raise err if isinstance(err, Unavailable) else Unavailable(
+                f"sub-network {sub.key}: {err}") from err
+
+    def held(self, key: str):
+        """The engine of sub-network `key`, loaded for an owner that decides how long it
+        stays (Ray Serve's multiplexer, which evicts by its own LRU): counted as loaded, outside
+        the memory budget, until `dropped(key)`."""
+        sub = self.subnets[key]
+        if sub.error:
+            raise Unavailable(f"sub-network {key}: {sub.error}")
+        engine = self._load_or_remember(sub)
+        with self._cond:
+            self._loaded[key] = _Loaded(engine, sub.bytes)
+            self._update_gauges()
+        return engine
+
+    def dropped(self, key: str, why: str):
+        """The owner of a `held` engine let it go."""
+        with self._cond:
+            if self._loaded.pop(key, None) is not None:
+                self._count_eviction(key, why)
+                self._update_gauges()
 
     def _update_gauges(self):
         if self.metrics:
@@ -420,16 +453,13 @@ class Registry:
                                           f"{timeout:.0f} s under the memory budget")
         if entry is None:  # this thread loads it, outside the lock
             try:
-                engine = self._load(sub)
-            except Exception as err:
+                engine = self._load_or_remember(sub)
+            except Unavailable:
                 with self._cond:
                     self._loading.discard(key)
                     self._reserved -= sub.bytes
-                    if sub.error is None:
-                        sub.error = str(err)
                     self._cond.notify_all()
-                raise err if isinstance(err, Unavailable) else Unavailable(
-                    f"sub-network {key}: {err}") from err
+                raise
             with self._cond:
                 self._loading.discard(key)
                 self._reserved -= sub.bytes

@@ -316,6 +316,12 @@ def batch_counts(url: str) -> tuple:
     return calls, requests
 
 
+def requests_per_call(before: tuple, after: tuple) -> Optional[float]:
+    """Requests answered per engine call between two batch_counts() readings."""
+    calls = after[0] - before[0]
+    return round((after[1] - before[1]) / calls, 2) if calls else None
+
+
 def warm_up(server: Server, pairs: Sequence[tuple], sentences: Dict[str, List[str]],
             timeout: float):
     """One request per pair: every sub-network the load uses is loaded before timing."""
@@ -330,9 +336,7 @@ def measure(server: Server, items: Sequence[tuple], clients: int, timeout: float
     before = batch_counts(server.url)
     with server.peak_rss():
         result = run_load(server.url, items, clients, timeout)
-    after = batch_counts(server.url)
-    calls = after[0] - before[0]
-    result["requests_per_call"] = round((after[1] - before[1]) / calls, 2) if calls else None
+    result["requests_per_call"] = requests_per_call(before, batch_counts(server.url))
     result["rss_mb"], result["peak_rss_mb"] = _mb(server.rss()), _mb(server.peak)
     return result
 

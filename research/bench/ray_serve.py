@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 from research.bench.load import (DEMO_PAIRS, REPO, _mb, batch_counts, build_cache, environment,
-                                 parse_counts, parse_pairs, ratio, read_sentences, run_load,
-                                 running, warm_up, workload)
+                                 parse_counts, parse_pairs, ratio, read_sentences,
+                                 requests_per_call, run_load, running, warm_up, workload)
 
 
 def parse_args(argv=None):
@@ -126,8 +126,7 @@ def measure(server, items, clients, timeout) -> dict:
     before, cpu_before = batch_counts(server.url), cpu_seconds(server.proc.pid)
     result = run_load(server.url, items, clients, timeout)
     after, cpu_after = batch_counts(server.url), cpu_seconds(server.proc.pid)
-    calls = after[0] - before[0]
-    result["requests_per_call"] = round((after[1] - before[1]) / calls, 2) if calls else None
+    result["requests_per_call"] = requests_per_call(before, after)
     result["service_rss_mb"] = service_rss_mb(server.url)
     result["cpu_ms_per_request"] = {
         role: round(1000 * (cpu_after[role] - cpu_before.get(role, 0.0)) / len(items), 1)
