@@ -14,7 +14,7 @@ TORCH  ?= torch==2.13.0
 FAIRSEQ_RUNTIME := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging
 
 .PHONY: venv system-deps test test-all demo serve clean study study-report distill bench \
-  bench-inference bench-moe-layer bench-export bench-serve bench-ray-serve
+  bench-inference bench-moe-layer bench-export bench-serve bench-ray-serve lohelp
 venv: $(STAMP)
 
 $(STAMP): setup.cfg setup.py Makefile
@@ -27,7 +27,7 @@ $(STAMP): setup.cfg setup.py Makefile
 	$(PIP) install -q $(FAIRSEQ_RUNTIME)
 	$(PIP) install -q --no-deps -e .
 	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu>=2.0" pytest ctranslate2 matplotlib
-	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx python-multipart psutil libretranslatepy
+	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx python-multipart psutil libretranslatepy sentencex
 	$(PIP) install -q "ray[serve]==2.60.0"
 	$(PIP) install -q selenium
 	@echo "(a pip note that fairseq-fixed requires torchaudio is expected: it is never imported)"
@@ -100,6 +100,12 @@ bench-ray-serve: $(STAMP)
 	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-ray-serve: no demo model" \
 	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
 	$(PY) -m research.bench.ray_serve --pairs-per-replica 4 $(ARGS)
+
+# LoHelp, a many-way parallel corpus from LibreOffice's translated help (docs/corpus-lohelp.md):
+# Debian's libreoffice-help-* packages (apt-get download) -> work/lohelp/bin for en<->13
+# languages, and its table results/lohelp/corpus.md. ARGS passes flags on (e.g. --langs).
+lohelp: $(STAMP)
+	$(PY) scripts/prepare_lohelp.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

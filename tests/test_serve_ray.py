@@ -1,16 +1,19 @@
 """taskmoe-serve --engine ray: the same API on Ray Serve, on a local Ray cluster.
 
-The first tests start no Ray: the fleet metrics (fleet.py), the flags, and that the embedded
-server never imports Ray. The others start one local cluster for the module (2 CPUs, no
+The first tests start no Ray: the fleet metrics (fleet.py), the flags, that the embedded
+server never imports Ray, the ingress's side of legs and scrapes (a fake deployment handle) and
+the deployments' bounds. The others start one local cluster for the module (2 CPUs, no
 dashboard; always shut down), deploy the real application (ray_engine.deploy) on the tiny
-trained model of tests/test_serve.py and talk HTTP to it. The fault test (slow) kills a
-replica's process under load."""
+trained model of tests/test_serve.py and talk HTTP to it. The fault tests (slow) kill or freeze
+a replica's process, or fill the ingress with requests whose bodies never come."""
 
+import asyncio
 import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,11 +56,58 @@ def test_fleet_sums_replicas_keeps_counters_of_dead_ones_and_drops_their_gauges(
     assert metric(text, "taskmoe_requests_total", endpoint="/translate", status="200",
                   pair="en-de") == 1  # the ingress's own families stay
     assert fleet.loaded_keys() == ["*-de", "*-fr"]
-    fleet.live_only(["r1"])  # r2 did not answer the broadcast: dead
+    fleet.scraped(["r1"], asked=2)  # r2 did not answer the broadcast: silent
     text = ingress.render().decode()
     assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork="*-de") == 3  # kept
     assert metric(text, "taskmoe_subnetworks_loaded") == 1  # only live replicas
     assert fleet.loaded_keys() == ["*-de"]
+    assert text.count("# TYPE taskmoe_subnetwork_loads_total counter") == 1
+
+
+def test_fleet_drops_a_gone_replica_and_keeps_its_counters():
+    """A replica silent at a scrape loses its gauges and sub-networks (it may only be hung: its
+    entry stays); one that a complete scrape (every replica asked answered) did not include is
+    gone: its entry is dropped after forget_after seconds, its counters and histograms stay
+    summed (totals never go down), and taskmoe_replicas says how the last scrape went."""
+    from fairseq_taskmoe.serve.fleet import Fleet, snapshot
+    from fairseq_taskmoe.serve.metrics import Metrics
+
+    now = [0.0]
+    a, b, ingress = Metrics(), Metrics(), Metrics()
+    a.loads.labels("*-de").inc()
+    b.loads.labels("*-de").inc(2)
+    a.loaded.set(1)
+    b.loaded.set(2)
+    b.batch_requests.labels("*-de").observe(3)
+    fleet = Fleet(own_rss=False, forget_after=10.0, clock=lambda: now[0])
+    fleet.adopt(ingress)
+
+    def scrape(answering, asked):
+        for name in answering:
+            fleet.update(name, snapshot({"r1": a, "r2": b}[name]), ["*-de"], 1, running=0)
+        fleet.scraped(answering, asked)
+        return ingress.render().decode()
+
+    text = scrape(["r1", "r2"], 2)
+    assert metric(text, "taskmoe_replicas", state="answering") == 2
+    text = scrape(["r1"], 2)  # r2 hung: asked, no answer
+    assert metric(text, "taskmoe_replicas", state="silent") == 1
+    assert metric(text, "taskmoe_subnetworks_loaded") == 1  # its gauges dropped
+    assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork="*-de") == 3
+    now[0] = 100.0
+    scrape(["r1"], 2)
+    assert set(fleet.replicas()) == {"r1", "r2"}  # silent is not gone: it may come back
+    text = scrape(["r1"], 1)  # Ray no longer sends to r2: gone, kept forget_after seconds
+    assert set(fleet.replicas()) == {"r1", "r2"}
+    assert metric(text, "taskmoe_replicas", state="silent") == 0
+    now[0] = 110.0
+    a.loads.labels("*-de").inc()
+    text = scrape(["r1"], 1)
+    assert set(fleet.replicas()) == {"r1"}  # dropped ...
+    assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork="*-de") == 4  # ... kept
+    assert metric(text, "taskmoe_batch_requests_sum", subnetwork="*-de") == 3
+    assert metric(text, "taskmoe_batch_requests_count", subnetwork="*-de") == 1
+    assert metric(text, "taskmoe_subnetworks_loaded") == 1
     assert text.count("# TYPE taskmoe_subnetwork_loads_total counter") == 1
 
 
@@ -84,11 +134,24 @@ def test_the_embedded_server_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, check=True, timeout=120)
 
 
-class FakeHandle:
-    """A DeploymentHandle whose calls answer from a script: an exception to raise, or hyps."""
+HANG = "hang"  # a call that never answers
 
-    def __init__(self, script):
-        self.script, self.calls = list(script), []
+
+async def _outcome(outcome):
+    if outcome == HANG:
+        await asyncio.Event().wait()
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+class FakeHandle:
+    """A DeploymentHandle whose calls answer from a script: an exception to raise, HANG, or
+    hyps; `broadcast("report")` answers with `replies` (one per replica: a report, an
+    exception, or HANG), or raises `replies` when it is an exception."""
+
+    def __init__(self, script, replies=()):
+        self.script, self.calls, self.replies = list(script), [], replies
 
     def options(self, multiplexed_model_id):
         self.key = multiplexed_model_id
@@ -103,11 +166,141 @@ class FakeHandle:
         outcome = self.script.pop(0)
 
         async def answer():
-            if isinstance(outcome, Exception):
-                raise outcome
-            return {"hyps": outcome}
+            return {"hyps": await _outcome(outcome)}
 
         return answer()
+
+    def broadcast(self, method):
+        assert method == "report"
+        if isinstance(self.replies, Exception):
+            raise self.replies
+        return FakeBroadcast(self.replies)
+
+
+class FakeReplicaResult:
+    def __init__(self, outcome):
+        self.outcome, self.cancelled = outcome, False
+
+    async def get_async(self):
+        return await _outcome(self.outcome)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeBroadcast:
+    """Ray 2.60's DeploymentBroadcastResponse: the calls sent to every replica, and their
+    results gathered under one timeout."""
+
+    def __init__(self, replies):
+        self.results = [FakeReplicaResult(r) for r in replies]
+
+    async def _fetch_replica_results_async(self):
+        return self.results
+
+    async def results_async(self, timeout_s=None, return_exceptions=False):
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(
+                *(r.get_async() for r in self.results), return_exceptions=return_exceptions),
+                timeout_s))
+        except asyncio.TimeoutError:
+            raise TimeoutError("Timed out waiting for broadcast results.") from None
+
+
+def report(name, metrics=None, loaded=("*-de",), running=0):
+    """A Translator replica's answer to a scrape (TranslatorCore.report)."""
+    from fairseq_taskmoe.serve.fleet import snapshot
+    from fairseq_taskmoe.serve.metrics import Metrics
+
+    return {"name": name, "pid": 1, "loaded": list(loaded), "ongoing": running,
+            "running": running, "metrics": snapshot(metrics or Metrics())}
+
+
+def ingress_side(handle, **options):
+    """A HandleBatcher over `handle` with the ingress's metrics and fleet."""
+    from fairseq_taskmoe.serve.fleet import Fleet
+    from fairseq_taskmoe.serve.metrics import Metrics
+    from fairseq_taskmoe.serve.ray_engine import HandleBatcher
+
+    metrics, fleet = Metrics(), Fleet(own_rss=False)
+    fleet.adopt(metrics)
+    return HandleBatcher(handle, fleet, metrics, **options), metrics
+
+
+def test_a_scrape_waits_for_each_replica_on_its_own():
+    """/health, /metrics and /pairs scrape the replicas: a hung replica costs its own timeout
+    (not the whole gather's), the answers that came are used, the others counted silent, and
+    the service is unready only when no replica answered."""
+    pytest.importorskip("ray.serve")
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    from fairseq_taskmoe.serve.metrics import Metrics
+
+    busy = Metrics()
+    busy.loads.labels("*-fr").inc(2)
+
+    async def scrape(replies):
+        batcher, metrics = ingress_side(FakeHandle([], replies), report_timeout=0.5)
+        t0 = time.monotonic()
+        await batcher.refresh()
+        return (time.monotonic() - t0, batcher.fleet, batcher.unready(),
+                metrics.render().decode())
+
+    seconds, fleet, unready, text = asyncio.run(scrape(
+        [report("r1", busy, ["*-fr"]), HANG, RuntimeError("broken")]))
+    assert seconds < 1.5, seconds
+    assert unready is None and fleet.loaded_keys() == ["*-fr"]
+    assert metric(text, "taskmoe_subnetwork_loads_total", subnetwork="*-fr") == 2
+    assert metric(text, "taskmoe_replicas", state="answering") == 1
+    assert metric(text, "taskmoe_replicas", state="silent") == 2
+    seconds, fleet, unready, text = asyncio.run(scrape([HANG, HANG]))
+    assert seconds < 1.5, seconds
+    assert unready == "no Translator replica answered within 0.5 s (2 asked)"
+    assert metric(text, "taskmoe_replicas", state="silent") == 2
+    _, _, unready, _ = asyncio.run(scrape(DeploymentUnavailableError("Translator")))
+    assert unready == "no Translator replica is running"
+
+
+def test_queue_depth_under_ray_counts_only_legs_not_in_an_engine_call():
+    """taskmoe_queue_depth (and /health's queue) under Ray: legs sent and not yet in an engine
+    call, as the embedded server counts them; legs a replica is translating are not waiting."""
+    pytest.importorskip("ray.serve")
+    from fairseq_taskmoe.serve.batcher import Job
+
+    async def run():
+        handle = FakeHandle([HANG] * 3, [report("r1", running=2)])
+        batcher, metrics = ingress_side(handle)
+        futures = [batcher.submit("*-de", Job(["e1"], "en", "de", 4, 1, [3])) for _ in range(3)]
+        await asyncio.sleep(0)
+        await batcher.refresh()
+        try:
+            return batcher.pending(), metric(metrics.render().decode(), "taskmoe_queue_depth")
+        finally:
+            for future in futures:
+                future.cancel()
+
+    assert asyncio.run(run()) == (1, 1)
+
+
+def test_deployments_are_bounded_and_batches_can_fill():
+    """A Translator batch can take every leg a replica accepts (Ray's rule: max_ongoing_requests
+    >= max_batch_size x max_concurrent_batches), for any flags; the ingress's own queue in Ray's
+    proxy is bounded, beyond the --max-queue requests it takes in."""
+    pytest.importorskip("ray.serve")
+    from fairseq_taskmoe.cli.serve import build_parser
+    from fairseq_taskmoe.serve.ray_engine import ingress_options, translator_deployment
+
+    for extra in ([], ["--max-ongoing", "3", "--max-batch-tokens", "64"],
+                  ["--max-ongoing", "32", "--max-wait-ms", "0"], ["--no-cross-batching"]):
+        args = build_parser().parse_args(["c.pt", "--data", "bin", "--engine", "ray", *extra])
+        translator = translator_deployment(args)
+        batch = translator.func_or_class.run_batch
+        concurrent = batch._get_curr_iteration_start_times.__self__.max_concurrent_batches
+        assert translator.max_ongoing_requests == args.max_ongoing, extra
+        assert translator.max_ongoing_requests >= batch._get_max_batch_size() * concurrent, extra
+        ingress = ingress_options(args)
+        assert ingress["max_ongoing_requests"] > args.max_queue
+        assert 0 <= ingress["max_queued_requests"] <= 64
 
 
 def test_handle_batcher_retries_a_lost_replica_and_refuses_cleanly():
@@ -129,7 +322,7 @@ def test_handle_batcher_retries_a_lost_replica_and_refuses_cleanly():
         fleet = Fleet(own_rss=False)
         fleet.update("dead", [], ["*-de"])
         batcher = HandleBatcher(handle, fleet, retries=2)
-        future = batcher.submit("*-de", Job(["e1 e2"], "en", "de", 4, 1, 4))
+        future = batcher.submit("*-de", Job(["e1 e2"], "en", "de", 4, 1, [4]))
         try:
             return await asyncio.wrap_future(future), handle.calls, fleet
         finally:
@@ -307,6 +500,105 @@ def replica_reports(timeout=30.0):
 def replica_pids(timeout=30.0):
     """{replica name: pid} of the live Translator replicas."""
     return {r["name"]: r["pid"] for r in replica_reports(timeout)}
+
+
+def held_requests(port, n):
+    """n POST /translate whose bodies never finish, each holding its place in the ingress: one
+    answered within a second (refused: the place of a request just answered was not free yet)
+    is replaced."""
+    held, deadline = [], time.time() + 30
+    while len(held) < n:
+        assert time.time() < deadline, "no request could hold a place in the ingress"
+        sock = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+        sock.sendall(b"POST /translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{")
+        try:
+            sock.recv(1024)
+            sock.close()
+        except socket.timeout:
+            held.append(sock)
+    return held
+
+
+@contextmanager
+def frozen(pids):
+    """The processes stopped (SIGSTOP), and always continued after."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_an_overloaded_ingress_answers_503_itself(trained_model, tiny_data, ray_cache, cluster):
+    """--max-queue 2: two requests whose bodies never come fill the ingress; the next request
+    is refused at once by the ingress, with the API's JSON 503 and Retry-After (before, it
+    waited in Ray's proxy, whose queue had no bound), counted under its route; /health still
+    answers; once they are gone, requests are served again."""
+    argv = base_args(trained_model, tiny_data, ray_cache, "--quantization", "float32",
+                     "--max-queue", "2")
+    body = {"q": sentences(tiny_data, "en")[0], "source": "en", "target": "de"}
+    with ray_serving(argv, cluster) as (url, _), httpx.Client(timeout=60) as client:
+        assert client.post(url + "/translate", json=body).status_code == 200
+        held = held_requests(cluster, 2)
+        try:
+            t0 = time.monotonic()
+            answer = client.post(url + "/translate", json=body)
+            seconds = time.monotonic() - t0
+            assert answer.status_code == 503 and seconds < 5, (answer.text, seconds)
+            assert answer.headers["Retry-After"] == "1"
+            assert answer.json() == {"error": "the server is busy (2 requests in progress); "
+                                     "retry shortly", "hint": "retry after the Retry-After "
+                                     "seconds"}
+            assert client.get(url + "/health").status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.time() + 20
+        while client.post(url + "/translate", json=body).status_code != 200:
+            assert time.time() < deadline, "the held requests never left the ingress"
+            time.sleep(0.2)
+        text = client.get(url + "/metrics").text
+        assert metric(text, "taskmoe_requests_total", endpoint="/translate", status="503",
+                      pair="-") >= 1
+
+
+@pytest.mark.slow
+def test_a_hung_replica_costs_its_own_timeout_and_none_answering_is_unready(
+        trained_model, tiny_data, ray_cache, cluster):
+    """2 replicas. One frozen (SIGSTOP): /health answers within the per-replica timeout (2 s;
+    before, the whole gather's 10 s, and no figure was updated) from the other's report, and
+    /metrics counts one silent replica; both frozen: /health is 503 (nothing can serve).
+    Continued (SIGCONT): 200 again, and translations are served."""
+    argv = base_args(trained_model, tiny_data, ray_cache, "--quantization", "float32",
+                     "--replicas", "2")
+    body = {"q": sentences(tiny_data, "en")[0], "source": "en", "target": "de"}
+    with ray_serving(argv, cluster) as (url, _), httpx.Client(timeout=60) as client:
+        assert client.post(url + "/translate", json=body).status_code == 200
+        pids = sorted(replica_pids().values())
+        assert len(pids) == 2
+        with frozen(pids[:1]):
+            t0 = time.monotonic()
+            health = client.get(url + "/health")
+            seconds = time.monotonic() - t0
+            assert health.status_code == 200 and seconds < 8, (health.text, seconds)
+            text = client.get(url + "/metrics").text
+            assert metric(text, "taskmoe_replicas", state="answering") == 1, text
+            assert metric(text, "taskmoe_replicas", state="silent") == 1
+            with frozen(pids[1:]):
+                t0 = time.monotonic()
+                health = client.get(url + "/health")
+                seconds = time.monotonic() - t0
+                assert health.status_code == 503 and seconds < 8, (health.text, seconds)
+                assert "no Translator replica answered within 2 s (2 asked)" in health.text
+        deadline = time.time() + 30
+        while client.get(url + "/health").status_code != 200:
+            assert time.time() < deadline, "not ready after the replicas continued"
+            time.sleep(0.5)
+        assert client.post(url + "/translate", json=body).status_code == 200
 
 
 @pytest.mark.slow

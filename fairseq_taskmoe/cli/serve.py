@@ -18,6 +18,11 @@ import sys
 from ..cli.export import QUANTIZATIONS
 
 log = logging.getLogger("taskmoe.serve")
+# A request's worst case at these limits is a few seconds of engine time on a CPU: 20,000
+# characters are about 150-250 sentences (LibreTranslate leaves both unlimited by default, which
+# lets one request hold a pair for minutes). Raise them for batch clients you trust.
+DEFAULT_CHAR_LIMIT = 20000
+DEFAULT_BATCH_LIMIT = 256
 
 
 def build_parser():
@@ -52,17 +57,24 @@ def build_parser():
                    help="where built sub-networks are kept, keyed by the checkpoint's content")
     p.add_argument("--api-keys", metavar="FILE", help="API keys (JSON or lines 'KEY [REQ_PER_MIN] "
                    "[CHAR_LIMIT]'); when given, every request needs a known api_key")
-    p.add_argument("--char-limit", type=int, help="characters per request (default: no limit)")
-    p.add_argument("--batch-limit", type=int, help="texts per request (default: no limit)")
+    p.add_argument("--char-limit", type=int, default=DEFAULT_CHAR_LIMIT,
+                   help="characters per request, all texts together")
+    p.add_argument("--batch-limit", type=int, default=DEFAULT_BATCH_LIMIT,
+                   help="texts per request (with format=html, text nodes)")
     p.add_argument("--alternatives-limit", type=int, default=3,
-                   help="most alternatives a request may ask for")
+                   help="most alternatives a request may ask for; at most --beam - 1, so that "
+                   "asking for alternatives never changes the translation")
     p.add_argument("--body-limit", default="1MB", metavar="SIZE", help="request body size limit")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
-                   help="source tokens per engine call when batching requests together")
+                   help="source tokens per engine call: requests are batched together up to it, "
+                   "and a larger request is translated in chunks of it, other requests' "
+                   "sentences taking turns with it")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request may wait for others to share its batch")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting at most; beyond it 503 with Retry-After")
+                   help="request legs waiting at most; beyond it 503 with Retry-After; under "
+                   "--engine ray, also the requests the ingress takes at once (/health and "
+                   "/metrics aside)")
     p.add_argument("--no-cross-batching", action="store_true",
                    help="one request per engine call (for comparisons)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -83,9 +95,12 @@ def build_parser():
                        help="sub-networks one replica keeps loaded (least recently used evicted); "
                        "replaces --memory-budget under --engine ray")
     scale.add_argument("--max-ongoing", type=int, default=8, metavar="N",
-                       help="requests one replica works on at once (its batches form from them); "
-                       "when every replica holding a pair's sub-network is that busy, the pair "
-                       "spreads to another replica (default 8)")
+                       help="legs one replica takes at once (a request has one per leg of its "
+                       "route; a pivot has two); they form the replica's batches: a batch takes "
+                       "up to N legs, one batch at a time (Ray Serve's max_ongoing_requests = "
+                       "max_batch_size = N), translated in engine calls of at most "
+                       "--max-batch-tokens source tokens; when every replica holding a pair's "
+                       "sub-network is that busy, the pair spreads to another replica")
     return p
 
 
@@ -164,12 +179,18 @@ def make_service(args):
         registry.prepare(legs_needed(routes))
     except (ValueError, PruningError) as err:
         _fail(str(err))
+    if args.alternatives_limit > args.beam - 1:
+        log.warning("--alternatives-limit %d lowered to %d (--beam %d - 1): more alternatives "
+                    "would need a wider beam, which changes the translation itself",
+                    args.alternatives_limit, args.beam - 1, args.beam)
     limits = ServeLimits(char_limit=args.char_limit, batch_limit=args.batch_limit,
-                         alternatives_limit=args.alternatives_limit, body_limit=body_limit,
+                         alternatives_limit=min(args.alternatives_limit, args.beam - 1),
+                         body_limit=body_limit,
                          timeout=args.timeout, beam=args.beam)
     service = Service.build(registry, limits, args.pivot, allowed, args.spm_model,
                             max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                            max_queue=args.max_queue, cross_request=not args.no_cross_batching)
+                            max_queue=args.max_queue, cross_request=not args.no_cross_batching,
+                            load_timeout=args.timeout)
     return service, keys
 
 

@@ -6,12 +6,14 @@ by FastAPI's models because LibreTranslate takes the same fields as JSON or as a
 415 / 429 / 503; its own wording is kept where it has one (clients match on it, e.g. "zz is not
 supported"), and a `hint` field says how to fix the request.
 
-Endpoints: POST /translate, GET /languages, POST /detect, GET /health, GET /frontend/settings
-(LibreTranslate's), GET /metrics (Prometheus), GET /pairs/{src}-{tgt} (ours: the route and the
-experts each sub-network of it holds), OpenAPI at /docs and /openapi.json, and the web page
-at / (page.py).
+Endpoints: POST /translate, GET /languages, POST /detect, GET /frontend/settings
+(LibreTranslate's), GET /health (= /health/ready: 503 when no pair can be served) and
+/health/live, GET /metrics (Prometheus), GET /pairs/{src}-{tgt} (ours: the route and the experts
+each sub-network of it holds), OpenAPI at /docs and /openapi.json, and the web page at /
+(page.py). Every origin is allowed (CORS), as LibreTranslate does.
 """
 
+import asyncio
 import json
 import logging
 import re
@@ -22,6 +24,7 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,12 +34,13 @@ from .keys import KeyGuard
 from .metrics import CONTENT_TYPE_LATEST
 from .page import add_page
 from .registry import Unavailable
-from .service import RequestTimeout, Service
-from .text import TooLong, html_fragments, html_rebuild, html_texts
-from .. import langid
+from .service import LimitExceeded, RequestTimeout, Service
+from .text import TooLong
 
 access_log = logging.getLogger("taskmoe.serve.access")
 FORMATS = ("text", "html")
+FRONTEND_TIMEOUT_MS = 500  # LibreTranslate's default (--frontend-timeout), for web clients
+CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never sent
 
 
 class ApiError(Exception):
@@ -83,23 +87,59 @@ def _form_schema(model) -> dict:
         "multipart/form-data": {"schema": schema}}}}
 
 
-async def read_body(request: Request, limit: int) -> dict:
-    """The request's fields as a dict, from JSON, urlencoded or multipart; ApiError otherwise."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"Request body too large ({int(length)} bytes; the limit is "
-                       f"{limit} bytes)", "send fewer or shorter texts per request")
-    data = bytearray()
+DRAIN_CAP = 16 << 20  # bytes of an oversized body read (and dropped) before answering 413
+
+
+def _too_large(size: str, limit: int) -> ApiError:
+    return ApiError(413, f"Request body too large ({size}; the limit is {limit} bytes)",
+                    "send fewer or shorter texts per request")
+
+
+async def _read_raw(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes; ApiError 413 beyond. An oversized body is still read, up
+    to max(4 x limit, 16 MB), and dropped before answering: a client that sends its whole body
+    before reading (urllib, requests) would otherwise see the connection reset, not the 413."""
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else None
+    cap = max(4 * limit, DRAIN_CAP)
+    if declared is not None and declared > limit and (
+            declared > cap or request.headers.get("expect", "").lower() == "100-continue"):
+        # far too large, or the client waits for "100 Continue" before sending: answer now
+        raise _too_large(f"{declared} bytes", limit)
+    data, seen = bytearray(), 0
     async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"Request body too large (over {limit} bytes)",
-                           "send fewer or shorter texts per request")
-    request._body = bytes(data)  # starlette replays it for request.form()
+        seen += len(chunk)
+        if seen <= limit:
+            data += chunk
+        elif seen > cap:
+            break
+    if seen > limit:
+        raise _too_large(f"{declared} bytes" if declared is not None else f"over {limit} bytes",
+                         limit)
+    return bytes(data)
+
+
+def _form_fields(raw: bytes, what: str) -> dict:
+    """urlencoded fields (a query string or a form body); q repeated gives a list."""
+    try:
+        fields = parse_qs(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"Invalid request: the {what} is not valid UTF-8",
+                       "encode it as UTF-8 and percent-encode non-ASCII bytes") from None
+    return {k: (v if k == "q" and len(v) > 1 else v[0]) for k, v in fields.items()}
+
+
+async def read_body(request: Request, limit: int) -> dict:
+    """The request's fields as a dict, read as LibreTranslate reads them (Flask): a JSON body
+    alone; otherwise the query string and the form body (urlencoded or multipart) together, the
+    query string winning where both give a field (Flask's request.values looks at the query
+    string first). ApiError for anything else."""
+    data = await _read_raw(request, limit)
+    request._body = data  # starlette replays it for request.form()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
-            body = json.loads(bytes(data).decode("utf-8"))
+            body = json.loads(data.decode("utf-8-sig"))  # a byte order mark is allowed
         except UnicodeDecodeError as err:
             raise ApiError(400, f"Invalid request: the body is not valid UTF-8 ({err.reason} at "
                            f"byte {err.start})", "encode the text as UTF-8") from None
@@ -107,22 +147,16 @@ async def read_body(request: Request, limit: int) -> dict:
             raise ApiError(400, f"Invalid JSON format: {err}",
                            'send a JSON object such as {"q": "Hello", "source": "en", '
                            '"target": "de"}') from None
+        except RecursionError:
+            raise ApiError(400, "Invalid JSON format: nested too deeply",
+                           "send a flat JSON object of strings (q may be an array of "
+                           "strings)") from None
         if not isinstance(body, dict):
             raise ApiError(400, "Invalid JSON format", "send a JSON object, not an array or value")
         return body
-    if ctype == "application/x-www-form-urlencoded" or (not ctype and not data):
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ApiError(400, f"Invalid request: the body is not valid UTF-8 ({err.reason} at "
-                           f"byte {err.start})", "encode the form as UTF-8") from None
-        try:
-            fields = parse_qs(text, keep_blank_values=True, strict_parsing=False,
-                              errors="strict")
-        except UnicodeDecodeError:
-            raise ApiError(400, "Invalid request: a form field is not valid UTF-8",
-                           "percent-encode UTF-8 bytes") from None
-        return {k: (v if k == "q" and len(v) > 1 else v[0]) for k, v in fields.items()}
+    query = _form_fields(request.scope.get("query_string", b""), "query string")
+    if ctype == "application/x-www-form-urlencoded" or not data:
+        return {**_form_fields(data, "form body"), **query}
     if ctype == "multipart/form-data":
         try:
             form = await request.form()
@@ -133,21 +167,96 @@ async def read_body(request: Request, limit: int) -> dict:
             values = [v for v in form.getlist(key) if isinstance(v, str)]
             if values:
                 out[key] = values if key == "q" and len(values) > 1 else values[0]
-        return out
+        return {**out, **query}
     raise ApiError(415, f"Unsupported content type {ctype or '(none)'}",
                    "send application/json, application/x-www-form-urlencoded or "
                    "multipart/form-data")
 
 
-def _int_field(value, name: str, default: int = 0) -> int:
+def _alternatives(value, limit: int) -> int:
+    """LibreTranslate's reading of `alternatives`: a whole number (a JSON number is truncated,
+    2.0 is 2), negatives count as 0, above the limit is refused with its wording."""
     if value is None or value == "":
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ApiError(400, f"Invalid request: {name} parameter is not a number")
-    try:
-        return int(value)
-    except ValueError:
-        raise ApiError(400, f"Invalid request: {name} parameter is not a number") from None
+        n = 0
+    elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ApiError(400, "Invalid request: alternatives parameter is not a number")
+    else:
+        try:
+            n = max(0, int(value))
+        except (ValueError, OverflowError):  # "abc", "2.5", NaN, Infinity
+            raise ApiError(400, "Invalid request: alternatives parameter is not a number",
+                           "give a whole number") from None
+    if n > limit:
+        raise ApiError(400, f"Invalid request: alternatives parameter must be <= {limit}",
+                       f"ask for at most {limit} alternatives")
+    return n
+
+
+def unique_alternatives(translation: str, alternatives: List[str]) -> List[str]:
+    """LibreTranslate's filter: alternatives without duplicates, the translation itself and
+    empty strings, in order."""
+    seen = {translation, ""}
+    out = []
+    for alt in alternatives:
+        if alt not in seen:
+            seen.add(alt)
+            out.append(alt)
+    return out
+
+
+async def _finished_unless_gone(request: Request, work: "asyncio.Future",
+                                poll: float = 0.1) -> bool:
+    """Wait for `work`; True when it finished, False when the client disconnected first (the
+    work is then cancelled, so its jobs that have not started are dropped by the batcher)."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=poll)
+        if done:
+            return True
+        if await request.is_disconnected():
+            work.cancel()
+            return False
+
+
+class AccessLog:
+    """ASGI middleware: each HTTP request's deadline (its time limit runs from its arrival, not
+    from when its texts reach the batcher), then one JSON access line and the request metrics.
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which hides a client's disconnect from
+    the endpoint (`Request.is_disconnected`)."""
+
+    def __init__(self, app, metrics, timeout: float):
+        self.app, self.metrics, self.timeout = app, metrics, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state.update(deadline=time.monotonic() + self.timeout, pair="-", chars=0)
+        status = None
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            access_log.exception("unhandled error on %s", scope.get("path"))
+            if status is None:
+                status = 500
+                await JSONResponse({"error": "Internal server error"}, status_code=500)(
+                    scope, receive, send)
+        seconds = time.perf_counter() - t0
+        endpoint = getattr(scope.get("route"), "path", "unmatched")
+        pair, code = state.get("pair", "-"), str(status or 500)
+        self.metrics.requests.labels(endpoint, code, pair).inc()
+        self.metrics.latency.labels(endpoint, code, pair).observe(seconds)
+        access_log.info(json.dumps({"method": scope.get("method"), "path": scope.get("path"),
+                                    "status": status or 500, "pair": pair,
+                                    "ms": round(seconds * 1000, 1),
+                                    "chars": state.get("chars", 0)}))
 
 
 def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
@@ -183,28 +292,13 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
     async def validation_error(request: Request, err: RequestValidationError):
         return JSONResponse({"error": f"Invalid request: {err.errors()}"}, status_code=400)
 
-    @app.middleware("http")
-    async def access(request: Request, call_next):
-        t0 = time.perf_counter()
-        request.state.pair, request.state.chars = "-", 0
-        try:
-            response = await call_next(request)
-            status = response.status_code
-        except Exception:
-            status = 500
-            access_log.exception("unhandled error on %s", request.url.path)
-            response = JSONResponse({"error": "Internal server error"}, status_code=500)
-        seconds = time.perf_counter() - t0
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        pair = getattr(request.state, "pair", "-")
-        metrics.requests.labels(endpoint, str(status), pair).inc()
-        metrics.latency.labels(endpoint, str(status), pair).observe(seconds)
-        access_log.info(json.dumps({"method": request.method, "path": request.url.path,
-                                    "status": status, "pair": pair,
-                                    "ms": round(seconds * 1000, 1),
-                                    "chars": getattr(request.state, "chars", 0)}))
-        return response
+    app.add_middleware(AccessLog, metrics=metrics, timeout=limits.timeout)
+
+    # LibreTranslate answers every origin, preflights included (its after_request hook);
+    # added last, so outermost: every answer carries it
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=["Authorization"],
+                       max_age=60 * 60 * 24 * 20)
 
     def check_key(body: dict):
         denied = keys.check(body.get("api_key") if isinstance(body.get("api_key"), str)
@@ -244,11 +338,7 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
         fmt = body.get("format") or "text"
         if fmt not in FORMATS:
             raise ApiError(400, f"{fmt} format is not supported", "use text or html")
-        alternatives = _int_field(body.get("alternatives"), "alternatives")
-        if alternatives < 0 or alternatives > limits.alternatives_limit:
-            raise ApiError(400, f"Invalid request: alternatives ({alternatives}) must be between "
-                           f"0 and {limits.alternatives_limit}",
-                           f"ask for at most {limits.alternatives_limit} alternatives")
+        alternatives = _alternatives(body.get("alternatives"), limits.alternatives_limit)
         if batch and limits.batch_limit and len(texts) > limits.batch_limit:
             raise ApiError(400, f"Invalid request: Request ({len(texts)}) exceeds text limit "
                            f"({limits.batch_limit})", "split the array into smaller requests")
@@ -260,51 +350,42 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
                            f"({min(char_limits)})", "send shorter texts or fewer of them")
         detected = None
         if source == "auto":
-            found = service.detect(" ".join(texts))
-            if not found or langid.detect(" ".join(texts)) is None:
+            found = await asyncio.to_thread(service.detect, " ".join(texts))
+            if not found or (len(found) > 1 and found[1]["confidence"] == found[0]["confidence"]):
                 raise ApiError(400, "Invalid request: could not detect the source language",
                                f"give source, one of {', '.join(langs)}")
-            source = found[0]["language"]
-            if source not in langs:
-                raise ApiError(400, f"{source} is not supported",
-                               f"detected {source}, which this model does not translate")
-            detected = found[0]
+            source, detected = found[0]["language"], found[0]
         request.state.pair = f"{source}-{target}"
         if source == target:
             translated, alts, route_json = list(texts), [[] for _ in texts], {
                 "kind": "identity", "via": None}
         else:
-            translated, alts, route_json = await _translate(texts, source, target, fmt,
+            translated, alts, route_json = await _translate(request, texts, source, target, fmt,
                                                             alternatives)
         answer = {"translatedText": translated if batch else translated[0], "route": route_json}
         if detected is not None:
             answer["detectedLanguage"] = [detected] * len(texts) if batch else detected
         if alternatives:
+            alts = [unique_alternatives(t, a) for t, a in zip(translated, alts)]
             answer["alternatives"] = alts if batch else alts[0]
         return answer
 
-    async def _translate(texts, source, target, fmt, alternatives):
+    async def _translate(request, texts, source, target, fmt, alternatives):
         pair = f"{source}-{target}"
         route = service.route(source, target)
         if not route.available:
             raise ApiError(400, f"{pair} is not available: {route.why}",
                            "see GET /languages for the pairs this server translates")
+        work = asyncio.ensure_future(service.translate(
+            texts, source, target, alternatives, fmt=fmt, deadline=request.state.deadline))
         try:
-            if fmt == "html":
-                parts = [html_fragments(t) for t in texts]
-                nodes = [html_texts(p) for p in parts]
-                flat = [n for ns in nodes for n in ns]
-                out, _, route = await service.translate(flat, source, target, 0)
-                translated, i = [], 0
-                for p, ns in zip(parts, nodes):
-                    translated.append(html_rebuild(p, out[i:i + len(ns)]))
-                    i += len(ns)
-                return translated, [[] for _ in texts], route.as_json()
-            translated, alts, route = await service.translate(texts, source, target,
-                                                              alternatives)
+            if not await _finished_unless_gone(request, work):
+                raise ApiError(CLIENT_GONE, "Client closed the request")
+            translated, alts, route = work.result()
             return translated, alts, route.as_json()
-        except TooLong as err:
-            raise ApiError(400, f"Invalid request: {err}") from None
+        except (TooLong, LimitExceeded) as err:
+            raise ApiError(400, f"Invalid request: {err}" if isinstance(err, TooLong)
+                           else str(err)) from None
         except QueueFull as err:
             raise ApiError(503, str(err), "retry after the Retry-After seconds",
                            {"Retry-After": str(err.retry_after)}) from None
@@ -337,16 +418,49 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
         request.state.chars = len(q)
         return service.detect(q)
 
+    def unservable() -> Optional[str]:
+        """None when some served pair can be translated (none of its legs' sub-networks
+        failed, and under Ray Serve some Translator replica answers), else why none can."""
+        why = service.unready() if service.unready is not None else None
+        if why is not None:
+            return why
+        reg, failed = service.registry, {}
+        for route in service.routes.values():
+            if not route.available:
+                continue
+            subs = [reg.subnetwork(reg.key_of(leg)) for leg in route.legs]
+            errors = {s.key: s.error for s in subs if s.error is not None}
+            if not errors:
+                return None
+            failed.update(errors)
+        return "no pair can be served: " + ("; ".join(
+            f"sub-network {key}: {error}" for key, error in sorted(failed.items()))
+            or "no route is available")
+
     @app.get("/health")
     async def health():
+        """Readiness: 200 {"status": "ok"} when at least one pair can be translated, else 503
+        {"status": "unavailable", "why"} (every served pair's sub-network failed to build or
+        load). The same as /health/ready."""
         await service.refreshed()
+        why = unservable()
+        if why is not None:
+            return JSONResponse({"status": "unavailable", "why": why}, status_code=503)
         return {"status": "ok", "subnetworks_loaded": len(service.registry.loaded_keys()),
                 "queue": service.batcher.pending()}
+
+    app.get("/health/ready", summary="Health Ready")(health)
+
+    @app.get("/health/live")
+    async def health_live():
+        """Liveness: 200 while the process answers, whatever the state of the models."""
+        return {"status": "ok"}
 
     @app.get("/frontend/settings")
     async def frontend_settings():
         """LibreTranslate's settings endpoint, which its web clients read."""
-        return {"charLimit": limits.char_limit or -1, "apiKeys": keys.required,
+        return {"charLimit": limits.char_limit or -1, "frontendTimeout": FRONTEND_TIMEOUT_MS,
+                "apiKeys": keys.required,
                 "keyRequired": keys.required, "suggestions": False, "filesTranslation": False,
                 "supportedFilesFormat": [],
                 "language": {"source": {"code": "auto", "name": "Auto Detect"},

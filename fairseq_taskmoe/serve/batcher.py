@@ -1,27 +1,34 @@
-"""Cross-request batching: one queue and one worker thread per sub-network.
+"""Cross-request batching: one queue and one worker thread per sub-network, engine calls bounded
+by `max_batch_tokens`.
 
-A worker takes the oldest waiting request, then keeps collecting requests for the same
-sub-network until `max_wait_ms` have passed since that request arrived or `max_batch_tokens`
-source tokens are waiting, and translates them all in ONE engine call (texts of one request are
-in that call too, never looped over), sorted by length so that similar lengths are padded
-together (as CTranslate2's BufferedTranslationWrapper does). Requests whose decoding options
-differ (beam, n-best) or whose input differs in more than the text (`--encoder-langtok src`) go
-in separate calls of the same round.
+A job is one request's sentences for one leg. A worker waits for its queue to be non-empty (and,
+with `max_wait_ms` > 0, up to that long for more requests to share the call), then fills ONE
+engine call with sentences taken from the jobs in arrival order until `max_batch_tokens` source
+tokens are in it. A job larger than that is translated over several calls: after each of its
+chunks it waits behind every job that has not had a turn yet, so a one-sentence request that
+arrives meanwhile is in the very next call instead of waiting for the whole large job (new jobs
+first, then round robin between the large ones). A job's
+sentences are taken longest first, and each call is sorted by length, so that similar lengths
+are padded together (as CTranslate2's BufferedTranslationWrapper does). Jobs whose decoding
+options differ (beam, n-best) or whose input differs in more than the text (`--encoder-langtok
+src`) go in separate calls of the same round.
 
 Threads, not processes: CTranslate2 is not fork-safe, and both engines release the GIL in their
-kernels. The queue is bounded in total (`max_queue` requests): beyond it `submit` raises
-QueueFull and the caller answers 503 with Retry-After. A request that timed out is cancelled
-(its future), and the worker skips it. `close()` stops accepting and drains what was accepted:
-no accepted request is left without an answer.
+kernels. Each queue has its own condition (on one shared lock), so a submit wakes only the
+worker of its sub-network. The queue is bounded in total (`max_queue` jobs not finished): beyond
+it `submit` raises QueueFull and the caller answers 503 with Retry-After. A job whose future was
+cancelled (its request timed out, or its client went away) is dropped before its next chunk.
+`close()` stops accepting and drains what was accepted: no accepted job is left without an answer.
 """
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 log = logging.getLogger("taskmoe.serve")
 
@@ -38,139 +45,276 @@ class Closed(RuntimeError):
     """The server is shutting down and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One request's texts for one leg: answered with the n best translations of each text."""
+    """One request's inputs for one leg, answered with the n best translations of each.
 
-    texts: List[str]
+    texts: what the engine translates; sizes: source tokens of each text (what
+    `max_batch_tokens` counts); deadline: time.monotonic() after which nobody waits
+    for the answer (bounds how long the worker may wait to load the sub-network)."""
+
+    texts: list
     src: str
     tgt: str
     beam: int
     nbest: int
-    tokens: int
+    sizes: List[int]
+    deadline: Optional[float] = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        if len(self.sizes) != len(self.texts):
+            raise ValueError(f"{len(self.sizes)} sizes for {len(self.texts)} texts")
+        # longest first: a chunk takes inputs of similar length
+        self._order = sorted(range(len(self.texts)), key=lambda i: -self.sizes[i])
+        self._next = 0
+        self._answers: List[Optional[list]] = [None] * len(self.texts)
+        self._missing = len(self.texts)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def left(self) -> int:
+        """Inputs not yet taken into an engine call."""
+        return len(self._order) - self._next
+
+    @property
+    def over(self) -> bool:
+        """Answered, failed or cancelled: nothing more to translate."""
+        return self.future.done()
+
+    def _take(self, budget: int, force: bool) -> List[int]:
+        """Indices of the next inputs whose sizes fit in `budget` (at least one if `force`)."""
+        taken = []
+        while self._next < len(self._order):
+            i = self._order[self._next]
+            if self.sizes[i] > budget and not (force and not taken):
+                break
+            taken.append(i)
+            budget -= self.sizes[i]
+            self._next += 1
+        return taken
+
+    def _answer(self, i: int, hyps: list):
+        self._answers[i] = hyps
+        self._missing -= 1
+        if self._missing == 0:
+            _settle(self.future, result=self._answers)
+
+
+def _settle(future: Future, result=None, error: Optional[BaseException] = None):
+    """Set a future unless it is done already (cancelled by its waiter meanwhile)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+Chunk = Tuple[Job, List[int]]
+
+
+class _Queue:
+    """One sub-network's waiting jobs: those never in an engine call (`fresh`, in arrival order)
+    come before those with inputs left after a turn (`started`, round robin)."""
+
+    def __init__(self, jobs=()):
+        self.fresh: Deque[Job] = deque(jobs)
+        self.started: Deque[Job] = deque()
+
+    def __bool__(self):
+        return bool(self.fresh or self.started)
+
+    def __iter__(self):
+        return itertools.chain(self.fresh, self.started)
+
+    def first(self) -> Job:
+        return self.fresh[0] if self.fresh else self.started[0]
+
+    def pop_first(self) -> Job:
+        return self.fresh.popleft() if self.fresh else self.started.popleft()
+
+    def remove(self, job: Job):
+        (self.fresh if job in self.fresh else self.started).remove(job)
 
 
 class Batcher:
     def __init__(self, registry, max_batch_tokens: int = 4096, max_wait_ms: float = 10.0,
-                 max_queue: int = 256, metrics=None, cross_request: bool = True):
+                 max_queue: int = 256, metrics=None, cross_request: bool = True,
+                 load_timeout: float = 60.0):
         self.registry, self.metrics = registry, metrics
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.cross_request = cross_request  # False: one request per engine call (benchmarks)
-        self._cond = threading.Condition()
-        self._queues: Dict[str, Deque[Job]] = {}
+        self.load_timeout = load_timeout  # for a job without a deadline
+        self._lock = threading.Lock()
+        self._conds: Dict[str, threading.Condition] = {}
+        self._queues: Dict[str, _Queue] = {}
         self._workers: Dict[str, threading.Thread] = {}
-        self._pending = 0
+        self._pending = 0  # jobs accepted and not yet taken whole
         self._closing = False
 
     def pending(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._pending
 
     def submit(self, key: str, job: Job) -> Future:
-        with self._cond:
+        with self._lock:
             if self._closing:
                 raise Closed("the server is shutting down")
             if self._pending >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry "
                                 "shortly", retry_after=1)
-            self._queues.setdefault(key, deque()).append(job)
-            self._pending += 1
-            self._gauge()
-            if key not in self._workers:
+            if not job.texts:
+                _settle(job.future, result=[])
+                return job.future
+            cond = self._conds.get(key)
+            if cond is None:
+                cond = self._conds[key] = self._condition(key)
+                self._queues[key] = _Queue()
                 worker = threading.Thread(target=self._run, args=(key,), daemon=True,
                                           name=f"batcher-{key}")
                 self._workers[key] = worker
                 worker.start()
-            self._cond.notify_all()
+            self._queues[key].fresh.append(job)
+            self._pending += 1
+            self._gauge()
+            cond.notify()
         return job.future
+
+    def _condition(self, key: str) -> threading.Condition:
+        """The condition the worker of `key` waits on (its own, on the shared lock)."""
+        return threading.Condition(self._lock)
 
     def _gauge(self):
         if self.metrics:
             self.metrics.queue_depth.set(self._pending)
 
-    def _take(self, key: str) -> Optional[List[Job]]:
-        """Block until a batch for `key` is due; None when closing with nothing left."""
-        queue = self._queues[key]
-        with self._cond:
-            while not queue:
+    def _take(self, key: str) -> Optional[List[Chunk]]:
+        """Block until a call for `key` is due and fill it; None when closing with nothing
+        left."""
+        queue, cond = self._queues[key], self._conds[key]
+        with cond:
+            while True:
+                self._drop_over(queue)
+                if queue:
+                    break
                 if self._closing:
                     return None
-                self._cond.wait()
-            if self.cross_request:
-                deadline = queue[0].enqueued + self.max_wait
+                cond.wait()
+            if self.cross_request and self.max_wait > 0:
+                deadline = queue.first().enqueued + self.max_wait
                 while (sum(j.tokens for j in queue) < self.max_batch_tokens
                        and not self._closing):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    self._cond.wait(timeout=left)
-            batch, tokens = [], 0
-            while queue and (not batch or (self.cross_request
-                                           and tokens + queue[0].tokens <= self.max_batch_tokens)):
-                job = queue.popleft()
-                tokens += job.tokens
-                batch.append(job)
-            self._pending -= len(batch)
-            self._gauge()
-            return batch
+                    cond.wait(timeout=left)
+                self._drop_over(queue)
+            return self._fill(queue)
+
+    def _fill(self, queue: _Queue, retire=None) -> List[Chunk]:
+        """One engine call's chunks, taken from `queue` in order: at most `max_batch_tokens`
+        source tokens (one input at least); a job with inputs left goes to the back of the
+        started ones."""
+        retire = retire or self._retire
+        chunks: List[Chunk] = []
+        budget = self.max_batch_tokens
+        while queue:
+            job = queue.first()
+            if job.over:
+                retire(queue.pop_first())
+                continue
+            taken = job._take(budget, force=not chunks)
+            if not taken:
+                break  # the call is full
+            chunks.append((job, taken))
+            budget -= sum(job.sizes[i] for i in taken)
+            queue.pop_first()
+            if job.left:
+                queue.started.append(job)  # the rest after the others: round robin
+            else:
+                retire(job)
+            if not self.cross_request or budget <= 0:
+                break
+        return chunks
+
+    def run(self, key: str, jobs: List[Job]):
+        """Translate `jobs` now, in this thread, in calls of at most `max_batch_tokens` (no
+        queue, no worker): the batches Ray Serve forms on a replica (ray_engine.py)."""
+        queue = _Queue(jobs)
+        while queue:
+            self._translate(key, self._fill(queue, retire=lambda job: None))
+
+    def _drop_over(self, queue: _Queue):
+        """Forget jobs nobody waits for any more (cancelled, or failed in an earlier call)."""
+        for job in [j for j in queue if j.over]:
+            queue.remove(job)
+            self._retire(job)
+
+    def _retire(self, job: Job):
+        """A job leaves the queue (taken whole, or over): under the lock."""
+        self._pending -= 1
+        self._gauge()
 
     def _run(self, key: str):
         while True:
-            batch = self._take(key)
-            if batch is None:
+            chunks = self._take(key)
+            if chunks is None:
                 return
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-            if live:
-                self._translate(key, live)
+            if chunks:
+                self._translate(key, chunks)
 
-    def _translate(self, key: str, jobs: List[Job]):
+    def _translate(self, key: str, chunks: List[Chunk]):
+        deadlines = [job.deadline for job, _ in chunks if job.deadline is not None]
+        wait = (max(0.001, max(deadlines) - time.monotonic()) if len(deadlines) == len(chunks)
+                else self.load_timeout)
         try:
-            with self.registry.use(key) as engine:
-                groups: Dict[tuple, List[Job]] = {}
-                for job in jobs:
+            with self.registry.use(key, timeout=wait) as engine:
+                groups: Dict[tuple, List[Chunk]] = {}
+                for job, taken in chunks:
                     group = (engine.group_key(job.src, job.tgt), job.beam, job.nbest)
-                    groups.setdefault(group, []).append(job)
-                for group_jobs in groups.values():
-                    self._call(key, engine, group_jobs)
-        except Exception as err:  # e.g. the sub-network failed to load: answer every request
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(err)
+                    groups.setdefault(group, []).append((job, taken))
+                for group_chunks in groups.values():
+                    self._call(key, engine, group_chunks)
+        except Exception as err:  # e.g. the sub-network failed to load: answer every job
+            for job, _ in chunks:
+                _settle(job.future, error=err)
 
-    def _call(self, key: str, engine, jobs: List[Job]):
-        """ONE engine call for all texts of `jobs`, longest first; results back per job."""
-        flat = [(len(text), j, i) for j, job in enumerate(jobs) for i, text in
-                enumerate(job.texts)]
-        order = sorted(range(len(flat)), key=lambda n: -flat[n][0])
-        texts = [jobs[flat[n][1]].texts[flat[n][2]] for n in order]
-        first = jobs[0]
+    def _call(self, key: str, engine, chunks: List[Chunk]):
+        """ONE engine call for the chunks' inputs, longest first; results back per job."""
+        live = [(job, taken) for job, taken in chunks if not job.over]
+        if not live:
+            return
+        flat = sorted(((job, i) for job, taken in live for i in taken),
+                      key=lambda ji: -ji[0].sizes[ji[1]])
+        first = live[0][0]
         try:
-            hyps = engine.translate(texts, first.src, first.tgt, beam=first.beam,
-                                    nbest=first.nbest)
+            hyps = engine.translate([job.texts[i] for job, i in flat], first.src, first.tgt,
+                                    beam=first.beam, nbest=first.nbest)
         except Exception as err:
             log.exception("translation failed for sub-network %s", key)
-            for job in jobs:
-                job.future.set_exception(err)
+            for job, _ in live:
+                _settle(job.future, error=err)
             return
         if self.metrics:
-            self.metrics.batch_size.labels(key).observe(len(texts))
-            self.metrics.batch_requests.labels(key).observe(len(jobs))
-        answers = [[None] * len(job.texts) for job in jobs]
-        for n, hyp in zip(order, hyps):
-            _, j, i = flat[n]
-            answers[j][i] = hyp
-        for job, answer in zip(jobs, answers):
-            job.future.set_result(answer)
+            self.metrics.batch_size.labels(key).observe(len(flat))
+            self.metrics.batch_requests.labels(key).observe(len(live))
+        for (job, i), hyp in zip(flat, hyps):
+            job._answer(i, hyp)
 
     def close(self, timeout: float = 60.0):
         """Take nothing new, answer what was accepted, stop the workers."""
-        with self._cond:
+        with self._lock:
             self._closing = True
-            self._cond.notify_all()
+            for cond in self._conds.values():
+                cond.notify_all()
             workers = list(self._workers.values())
         end = time.monotonic() + timeout
         for worker in workers:

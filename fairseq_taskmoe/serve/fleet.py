@@ -2,16 +2,25 @@
 
 Under Ray Serve the HTTP process (the ingress) counts requests and their latency, while the
 sub-networks are loaded, evicted and batched in the replica processes, each with its own
-`Metrics` (metrics.py). A replica sends a `snapshot` of its metrics with every answer (and when
-the ingress asks every replica, `DeploymentHandle.broadcast`); `Fleet` keeps the latest snapshot
-of each replica and is registered in the ingress's CollectorRegistry in place of the families
-that replicas own, which it yields summed over the replicas. Counters and histograms keep the
-last figures of a replica that died (totals never go back); gauges count live replicas only.
+`Metrics` (metrics.py). When the ingress scrapes (before `/metrics`, `/health` and `/pairs`:
+it asks every replica, `DeploymentHandle.broadcast`, each with its own short timeout), a
+replica answers with a `snapshot` of its metrics; `Fleet` keeps the latest snapshot of each
+replica and is registered in the ingress's CollectorRegistry in place of the families that
+replicas own, which it yields summed over the replicas.
+
+A replica that did not answer the last scrape is *silent* (hung, or dead): its gauges, the
+sub-networks it holds and its legs in progress stop counting, its counters and histograms keep
+counting (totals never go back). A replica is *gone* when a scrape that every replica Ray
+routes to answered did not include it (Ray never restarts a replica: it starts a new one with
+another name); `forget_after` seconds later its entry is dropped and its counters and histograms
+are added to the sums of departed replicas, so a long-running fleet keeps no dead entries.
+`taskmoe_replicas{state="answering"|"silent"}` says how the last scrape went.
 
 Pure prometheus-client: no Ray here, so it is unit-testable alone.
 """
 
 import threading
+import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from prometheus_client.metrics_core import Metric
@@ -21,6 +30,11 @@ from .metrics import Metrics, resident_bytes
 # Metrics attribute -> what the replicas own (the ingress unregisters its own copy of these)
 REPLICA_OWNED = ("batch_size", "batch_requests", "loaded", "loaded_bytes", "loads", "evictions",
                  "load_seconds", "rss")
+# a replica missing from complete scrapes this long is dropped (longer than Ray's 30 s health
+# check timeout: by then Ray has replaced a replica it could not reach)
+FORGET_AFTER_S = 60.0
+REPLICAS = ("taskmoe_replicas", "Translator replicas at the last scrape (--engine ray): "
+            "answering, or silent (asked, no answer in time)")
 # (sample name, sorted labels, value)
 Sample = Tuple[str, Tuple[Tuple[str, str], ...], float]
 # (family name, type, help, samples)
@@ -41,23 +55,35 @@ def snapshot(metrics: Metrics) -> List[Family]:
     return out
 
 
+def _add(sums: Dict[tuple, float], samples: List[Sample]):
+    for sample, labels, value in samples:
+        key = (sample, labels)
+        sums[key] = sums.get(key, 0.0) + value
+
+
 class _Replica:
     def __init__(self):
         self.families: List[Family] = []
         self.loaded: List[str] = []
         self.pid: Optional[int] = None
-        self.live = True
+        self.running = 0  # legs in an engine call when it answered
+        self.live = True  # answered the last scrape
+        self.missing_since: Optional[float] = None  # first complete scrape without it
 
 
 class Fleet:
     """A prometheus-client collector over the replicas' latest snapshots, plus what the
-    ingress needs to know about them (which sub-networks are resident where)."""
+    ingress needs to know about them (which sub-networks are resident where, legs running)."""
 
-    def __init__(self, own_rss: bool = True):
+    def __init__(self, own_rss: bool = True, forget_after: float = FORGET_AFTER_S,
+                 clock=time.monotonic):
         self._lock = threading.Lock()
         self._replicas: Dict[str, _Replica] = {}
+        # counters and histograms of the replicas dropped: family -> (sample, labels) -> sum
+        self._departed: Dict[str, Dict[tuple, float]] = {}
+        self._last: Tuple[int, int] = (0, 0)  # (answering, silent) at the last scrape
         self._names = []  # family names and types, known before any replica reports
-        self.own_rss = own_rss
+        self.own_rss, self.forget_after, self._clock = own_rss, forget_after, clock
         probe = Metrics()
         for family in snapshot(probe):
             self._names.append(family[:3])
@@ -70,28 +96,59 @@ class Fleet:
         metrics.registry.register(self)
 
     def update(self, replica: str, families: List[Family], loaded: Iterable[str] = (),
-               pid: Optional[int] = None):
+               pid: Optional[int] = None, running: int = 0):
+        """A replica's answer to a scrape."""
         with self._lock:
             entry = self._replicas.setdefault(replica, _Replica())
             entry.families, entry.loaded, entry.pid = families, list(loaded), pid
-            entry.live = True
+            entry.running, entry.live, entry.missing_since = running, True, None
 
-    def live_only(self, replicas: Iterable[str]):
-        """Every replica not in `replicas` (the ones that answered a broadcast) is dead."""
-        alive = set(replicas)
+    def scraped(self, answered: Iterable[str], asked: Optional[int]):
+        """The end of a scrape: the replicas `answered` (their `update` done) out of the
+        `asked` replicas Ray sent it to (None: the scrape failed, nobody known to be asked).
+        Every other replica is silent; when all those asked answered, the others are gone from
+        the deployment, and dropped once gone for `forget_after` seconds."""
+        answered = set(answered)
+        now = self._clock()
         with self._lock:
-            for name, entry in self._replicas.items():
-                entry.live = name in alive
+            complete = asked is not None and len(answered) >= asked
+            for name, entry in list(self._replicas.items()):
+                if name in answered:
+                    continue
+                entry.live = False
+                if not complete:
+                    continue
+                if entry.missing_since is None:
+                    entry.missing_since = now
+                if now - entry.missing_since >= self.forget_after:
+                    self._retire(name)
+            silent = (asked - len(answered) if asked is not None
+                      else len(self._replicas) - len(answered))
+            self._last = (len(answered), max(0, silent))
+
+    def _retire(self, name: str):
+        """Drop a replica's entry, its counters and histograms kept in the departed sums."""
+        entry = self._replicas.pop(name)
+        for family, kind, _, samples in entry.families:
+            if kind != "gauge":
+                _add(self._departed.setdefault(family, {}), samples)
 
     def lost(self, replica: str):
+        """A call to this replica failed because it died: silent until it answers (it
+        will not)."""
         with self._lock:
             if replica in self._replicas:
                 self._replicas[replica].live = False
 
+    def last_scrape(self) -> Tuple[int, int]:
+        """(replicas that answered, replicas asked that did not) at the last scrape."""
+        with self._lock:
+            return self._last
+
     def replicas(self) -> Dict[str, dict]:
         with self._lock:
-            return {name: {"live": e.live, "pid": e.pid, "loaded": list(e.loaded)}
-                    for name, e in self._replicas.items()}
+            return {name: {"live": e.live, "pid": e.pid, "loaded": list(e.loaded),
+                           "running": e.running} for name, e in self._replicas.items()}
 
     def loaded_keys(self) -> List[str]:
         """Sub-networks resident on at least one live replica."""
@@ -99,17 +156,21 @@ class Fleet:
             keys = {k for e in self._replicas.values() if e.live for k in e.loaded}
         return sorted(keys)
 
+    def running(self) -> int:
+        """Legs in an engine call on the live replicas, as they said at the last scrape."""
+        with self._lock:
+            return sum(e.running for e in self._replicas.values() if e.live)
+
     def collect(self):
         with self._lock:
             entries = [(e.live, e.families) for e in self._replicas.values()]
-        sums: Dict[str, Dict[tuple, float]] = {name: {} for name, _, _ in self._names}
+            sums: Dict[str, Dict[tuple, float]] = {
+                name: dict(self._departed.get(name, {})) for name, _, _ in self._names}
+            answering, silent = self._last
         for live, families in entries:
             for name, kind, _, samples in families:
-                if name not in sums or (kind == "gauge" and not live):
-                    continue
-                for sample, labels, value in samples:
-                    key = (sample, labels)
-                    sums[name][key] = sums[name].get(key, 0.0) + value
+                if name in sums and (kind != "gauge" or live):
+                    _add(sums[name], samples)
         for name, kind, doc in self._names:
             family = Metric(name, doc, kind)
             values = sums[name]
@@ -120,6 +181,10 @@ class Fleet:
             for (sample, labels), value in sorted(values.items(), key=_order):
                 family.add_sample(sample, dict(labels), value)
             yield family
+        family = Metric(REPLICAS[0], REPLICAS[1], "gauge")
+        family.add_sample(REPLICAS[0], {"state": "answering"}, answering)
+        family.add_sample(REPLICAS[0], {"state": "silent"}, silent)
+        yield family
 
 
 def _order(item):

@@ -40,8 +40,9 @@ class Metrics:
         self.batch_requests = Histogram("taskmoe_batch_requests",
                                         "requests answered by one engine call",
                                         ["subnetwork"], buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("taskmoe_queue_depth", "requests waiting for a batch",
-                                 registry=r)
+        self.queue_depth = Gauge("taskmoe_queue_depth", "request legs accepted whose texts are "
+                                 "not all in an engine call yet (a pivot request has one leg "
+                                 "waiting at a time)", registry=r)
         self.loaded = Gauge("taskmoe_subnetworks_loaded", "sub-networks in memory", registry=r)
         self.loaded_bytes = Gauge("taskmoe_subnetworks_bytes",
                                   "memory charged to loaded sub-networks", registry=r)

@@ -12,34 +12,46 @@ Two deployments (REFERENCE.md, "Multi-pair translation servers": Ray Serve):
   rebuild of a corrupt artifact; `--pairs-per-replica K`, Ray's LRU evicts beyond), and Ray
   routes each leg to a replica that holds its model while one has fewer than `--max-ongoing`
   legs in progress (else to another, which loads it). `@serve.batch` collects concurrent
-  requests (split by model id, at most `--max-batch-tokens` source tokens, waiting at most
-  `--max-wait-ms`); what happens in one engine call is the embedded server's
-  (`Batcher._translate`: grouped by decoding options, sorted by length, batch metrics).
+  legs (split by model id, up to all `--max-ongoing` a replica holds, waiting at most
+  `--max-wait-ms`, one batch at a time); the batch is translated by the embedded server's code
+  (`Batcher.run`: engine calls of at most `--max-batch-tokens` source tokens, grouped by
+  decoding options, sorted by length, batch metrics).
 
 Sub-networks are built once: by the start-up of the `taskmoe-serve` process (Registry.prepare,
 before Ray is started); every replica then finds them in the cache (on another machine without
 that folder it builds them itself, once, with the same code). The replicas' metrics reach
 `/metrics` through fleet.py: `/metrics`, `/health` and `/pairs` ask every replica first
-(`DeploymentHandle.broadcast`), so answers carry translations only. A leg whose replica dies
-is sent again (by Ray's router when the replica had not confirmed it, else here, counted in
+(`DeploymentHandle.broadcast`, each replica with its own `REPORT_TIMEOUT_S`: a hung replica
+costs that long, and the others' answers are used), so answers carry translations only;
+`/health` is 503 when no replica answers. A leg whose replica dies is sent again (by Ray's
+router when the replica had not confirmed it, else here, counted in
 taskmoe_replica_losses_total; translation is idempotent); when the retries are used up the
 request is answered 503 with Retry-After.
+
+Overload: the ingress takes at most `--max-queue` requests at once (/health and /metrics
+aside) and answers the next ones itself, the API's JSON 503 with Retry-After (`Admission`);
+Ray sends it that many plus `INGRESS_HEADROOM` (room for those refusals), and its proxy queues
+at most `INGRESS_HEADROOM` more before answering 503 itself: nothing piles up unbounded.
 
 Ray is imported only here, and this module only under `--engine ray`.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import ray
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import exceptions as serve_exceptions
+from starlette.middleware import Middleware
+from starlette.routing import Match
 
 from .app import create_app
 from .batcher import Batcher, Closed, Job, QueueFull
@@ -49,6 +61,12 @@ from .registry import Unavailable
 log = logging.getLogger("taskmoe.serve")
 APP = "taskmoe"
 RETRIES = 2  # extra tries of a leg whose replica died
+REPORT_TIMEOUT_S = 2.0  # how long a scrape waits for each replica's report
+# requests Ray lets into the ingress beyond --max-queue (which it answers 503 at once), and
+# requests Ray's proxy queues when the ingress has all of those (beyond: Ray's own 503)
+INGRESS_HEADROOM = 64
+# never refused by the ingress's admission (probes and scrapes; cheap, bounded by the timeout)
+UNBOUNDED = ("/health", "/health/live", "/health/ready", "/metrics")
 # Ray's own per-call access log lines (ours is one JSON line per HTTP request, in the ingress)
 LOGGING = {"enable_access_log": False}
 # what a replica's death looks like to the caller, by Ray version and timing
@@ -77,7 +95,7 @@ def _absolute(args):
 
 
 class _Held:
-    """The registry Batcher._translate expects, holding one engine Ray's multiplexer loaded."""
+    """The registry Batcher.run expects, holding one engine Ray's multiplexer loaded."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -105,7 +123,10 @@ class TranslatorCore:
         service, _ = make_service(args)  # finds the sub-networks in the cache; no threads start
         self.registry, self.metrics = service.registry, service.registry.metrics
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
+        self.max_batch_tokens = args.max_batch_tokens
+        self.cross_request = not args.no_cross_batching
         self.ongoing = 0  # legs accepted and not yet answered
+        self.running = 0  # of them, the legs of the batch being translated now
         try:
             self.name = ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
         except Exception:  # outside an actor (unit tests)
@@ -121,19 +142,28 @@ class TranslatorCore:
     def report(self) -> dict:
         return {"name": self.name, "pid": os.getpid(),
                 "loaded": sorted(self.registry.loaded_keys()), "ongoing": self.ongoing,
-                "metrics": snapshot(self.metrics)}
+                "running": self.running, "metrics": snapshot(self.metrics)}
 
     def failed(self, jobs: List[dict], err: Exception) -> List[dict]:
         return [self._error(err) for _ in jobs]
 
     async def translate(self, key: str, resident: _Resident, jobs: List[dict]) -> List[dict]:
-        live = [Job(j["texts"], j["src"], j["tgt"], j["beam"], j["nbest"], j["tokens"])
+        live = [Job(j["texts"], j["src"], j["tgt"], j["beam"], j["nbest"], j["sizes"])
                 for j in jobs]
-        batcher = Batcher(_Held(resident.engine), metrics=self.metrics)  # no thread: one call
+        batcher = Batcher(_Held(resident.engine), max_batch_tokens=self.max_batch_tokens,
+                          metrics=self.metrics, cross_request=self.cross_request)  # no thread
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.pool, batcher._translate, key, live)
+        await loop.run_in_executor(self.pool, self._run, batcher, key, live)
         return [{"hyps": job.future.result()} if job.future.exception() is None
                 else self._error(job.future.exception()) for job in live]
+
+    def _run(self, batcher: Batcher, key: str, jobs: List[Job]):
+        """In the engine thread: the batch's legs are in engine calls until it returns."""
+        self.running = len(jobs)
+        try:
+            batcher.run(key, jobs)
+        finally:
+            self.running = 0
 
     @staticmethod
     def _error(err: Exception) -> dict:
@@ -142,20 +172,22 @@ class TranslatorCore:
                 "unavailable": unavailable}
 
 
-def _batch_size(jobs: List[dict]) -> int:
-    """@serve.batch's size of a batch: its source tokens (each job's clamped to the bound, as
-    the embedded batcher takes one over-long request alone)."""
-    return sum(j["size"] for j in jobs)
+def batch_options(args) -> dict:
+    """@serve.batch's options: a batch takes up to every leg a replica holds (--max-ongoing),
+    one batch at a time, so that Ray's rule max_ongoing_requests >= max_batch_size x
+    max_concurrent_batches holds and any leg a replica accepts can join its next batch; the
+    source tokens of one engine call are bounded by Batcher.run (--max-batch-tokens, a larger
+    batch takes several calls), as in the embedded server."""
+    if args.no_cross_batching:
+        return dict(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=1)
+    return dict(max_batch_size=args.max_ongoing, batch_wait_timeout_s=args.max_wait_ms / 1000.0,
+                max_concurrent_batches=1)
 
 
 def translator_deployment(args):
     """The Translator deployment for these options (K and the batch bounds are decorator
     arguments, hence a class made per run)."""
-    if args.no_cross_batching:
-        batch = dict(max_batch_size=1, batch_wait_timeout_s=0.0)
-    else:
-        batch = dict(max_batch_size=args.max_batch_tokens,
-                     batch_wait_timeout_s=args.max_wait_ms / 1000.0, batch_size_fn=_batch_size)
+    batch = batch_options(args)
 
     class Translator:
         def __init__(self, args):
@@ -187,9 +219,10 @@ def translator_deployment(args):
 
     return serve.deployment(
         name="Translator", num_replicas=args.replicas,
-        # a replica works on --max-ongoing requests at once (its next batch forms from them);
-        # when all replicas holding a sub-network are that busy, Ray's router sends the next
-        # leg to another replica, which loads it: a busy pair spreads, a quiet one stays put
+        # a replica works on --max-ongoing legs at once (its next batch forms from them: see
+        # batch_options); when all replicas holding a sub-network are that busy, Ray's router
+        # sends the next leg to another replica, which loads it: a busy pair spreads, a quiet
+        # one stays put
         max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queue,
         ray_actor_options={"num_cpus": args.threads}, health_check_period_s=2.0,
         graceful_shutdown_timeout_s=args.timeout + 5, logging_config=LOGGING)(Translator)
@@ -202,37 +235,37 @@ class HandleBatcher:
     """Plays the Batcher's role in the ingress (submit / pending / close): a leg is one call
     of the Translator deployment, its sub-network the multiplexed model id."""
 
-    def __init__(self, handle, fleet: Fleet, metrics=None, max_batch_tokens: int = 4096,
-                 max_queue: int = 256, retries: int = RETRIES):
+    def __init__(self, handle, fleet: Fleet, metrics=None, max_queue: int = 256,
+                 retries: int = RETRIES, report_timeout: float = REPORT_TIMEOUT_S):
         self.handle, self.fleet, self.metrics = handle, fleet, metrics
-        self.max_batch_tokens, self.max_queue, self.retries = max_batch_tokens, max_queue, retries
-        self._pending = 0
+        self.max_queue, self.retries, self.report_timeout = max_queue, retries, report_timeout
+        self._in_flight = 0  # legs sent and not answered (what --max-queue bounds)
         self._closing = False
+        self._unready: Optional[str] = None  # why no replica can serve, at the last scrape
+        if metrics:  # read when /metrics renders, after its scrape
+            metrics.queue_depth.set_function(self.pending)
 
     def pending(self) -> int:
-        return self._pending
-
-    def _gauge(self):
-        if self.metrics:
-            self.metrics.queue_depth.set(self._pending)
+        """Legs waiting, as the embedded Batcher counts them: sent and not yet in an engine
+        call (in Ray's queue in this process, or on a replica for its next batch): the legs in
+        flight less those the live replicas said they were translating at the last scrape
+        (/health and /metrics scrape first)."""
+        return max(0, self._in_flight - self.fleet.running())
 
     def submit(self, key: str, job: Job) -> Future:
         if self._closing:
             raise Closed("the server is shutting down")
-        if self._pending >= self.max_queue:
+        if self._in_flight >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry "
                             "shortly", retry_after=1)
         loop = asyncio.get_running_loop()
         payload = {"texts": list(job.texts), "src": job.src, "tgt": job.tgt, "beam": job.beam,
-                   "nbest": job.nbest, "tokens": job.tokens,
-                   "size": max(1, min(job.tokens, self.max_batch_tokens))}
-        self._pending += 1
-        self._gauge()
+                   "nbest": job.nbest, "sizes": list(job.sizes)}
+        self._in_flight += 1
         task = loop.create_task(self._call(key, payload))
 
         def done(t: asyncio.Task):
-            self._pending -= 1
-            self._gauge()
+            self._in_flight -= 1
             if job.future.done():  # cancelled: the request timed out
                 return
             if t.cancelled():
@@ -276,22 +309,92 @@ class HandleBatcher:
             return answer["hyps"]
 
     async def refresh(self):
-        """Every replica's metrics, and which replicas are alive, now (what /metrics, /health
-        and /pairs await). A failed scrape leaves the last figures: it never fails a request."""
+        """A scrape (what /metrics, /health and /pairs await): every replica's report, each
+        awaited at most `report_timeout` seconds, all at once. The answers update the fleet;
+        the replicas that did not answer are silent there (their gauges and sub-networks
+        stop counting) and counted in taskmoe_replicas{state="silent"}. Never raises."""
         try:
-            results = await self.handle.broadcast("report").results_async(
-                timeout_s=10, return_exceptions=True)
+            reports, asked = await self._ask_replicas()
+        except serve_exceptions.DeploymentUnavailableError:
+            reports, asked = [], 0  # no replica is running
         except Exception as err:
-            log.warning("could not ask the replicas for their metrics: %s", err)
+            log.warning("could not ask the replicas for their reports: %s: %s",
+                        type(err).__name__, err)
+            self.fleet.scraped((), None)
+            self._unready = f"could not ask the Translator replicas ({type(err).__name__})"
             return
-        reports = [r for r in results if isinstance(r, dict)]
         for r in reports:
-            self.fleet.update(r["name"], r["metrics"], r["loaded"], r["pid"])
-        self.fleet.live_only(r["name"] for r in reports)
+            self.fleet.update(r["name"], r["metrics"], r["loaded"], r["pid"], r["running"])
+        self.fleet.scraped((r["name"] for r in reports), asked)
+        if reports:
+            self._unready = None
+        elif asked:
+            self._unready = (f"no Translator replica answered within {self.report_timeout:g} s "
+                             f"({asked} asked)")
+        else:
+            self._unready = "no Translator replica is running"
+
+    async def _ask_replicas(self) -> Tuple[List[dict], int]:
+        """(the reports that came in time, how many replicas were asked)."""
+        response = self.handle.broadcast("report")
+        # Ray 2.60's DeploymentBroadcastResponse has one timeout for the whole gather (one hung
+        # replica would lose every answer): await each replica's result on its own instead
+        sent = getattr(response, "_fetch_replica_results_async", None)
+        if sent is None:  # another Ray: one timeout for all
+            results = await response.results_async(timeout_s=self.report_timeout,
+                                                    return_exceptions=True)
+            return [r for r in results if isinstance(r, dict)], len(results)
+        results = await asyncio.wait_for(sent(), self.report_timeout)
+        answers = await asyncio.gather(*(self._ask_one(r) for r in results),
+                                       return_exceptions=True)
+        return [a for a in answers if isinstance(a, dict)], len(results)
+
+    async def _ask_one(self, result):
+        try:
+            return await asyncio.wait_for(result.get_async(), self.report_timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(Exception):
+                result.cancel()  # do not let reports pile up on a hung replica
+            raise
+
+    def unready(self) -> Optional[str]:
+        """None when some Translator replica answered the last scrape, else why not (/health
+        answers 503 with it)."""
+        return self._unready
 
     def close(self, timeout: float = 60.0):
         """Take nothing new; Ray's graceful shutdown lets the legs in flight finish."""
         self._closing = True
+
+
+class Admission:
+    """ASGI middleware of the ingress: at most `limit` requests in the app at once (beyond,
+    the API's JSON 503 with Retry-After, counted and logged under its route); /health and
+    /metrics always pass."""
+
+    def __init__(self, app, limit: int, routes=()):
+        self.app, self.limit, self.routes = app, limit, routes
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in UNBOUNDED:
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            for route in self.routes:  # the route, for the access log and the metrics
+                match, child = route.matches(scope)
+                if match == Match.FULL:
+                    scope.update(child)
+                    break
+            refusal = JSONResponse(
+                {"error": f"the server is busy ({self.limit} requests in progress); retry "
+                          "shortly", "hint": "retry after the Retry-After seconds"},
+                status_code=503, headers={"Retry-After": "1"})
+            return await refusal(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class Ingress:
@@ -302,21 +405,33 @@ class Ingress:
         metrics = self.service.registry.metrics
         self.fleet = Fleet()
         self.fleet.adopt(metrics)  # /metrics: this process's requests + the replicas' engines
-        self.service.batcher = HandleBatcher(translator, self.fleet, metrics,
-                                             args.max_batch_tokens, args.max_queue)
+        self.service.batcher = HandleBatcher(translator, self.fleet, metrics, args.max_queue)
         # /health and /pairs say what the replicas hold, not this process (which loads nothing)
         self.service.registry.loaded_keys = self.fleet.loaded_keys
         self.service.refresh = self.service.batcher.refresh
+        self.service.unready = self.service.batcher.unready  # /health: 503 without replicas
+        self.max_queue = args.max_queue
 
     async def __serve_build_asgi_app__(self):
-        return create_app(self.service, self.keys)
+        app = create_app(self.service, self.keys)
+        # innermost: inside the app's access log, metrics and CORS
+        app.user_middleware.append(Middleware(Admission, limit=self.max_queue,
+                                              routes=app.router.routes))
+        return app
+
+
+def ingress_options(args) -> dict:
+    """The Ingress deployment's bounds (see the module's docstring, Overload)."""
+    return dict(max_ongoing_requests=args.max_queue + INGRESS_HEADROOM,
+                max_queued_requests=INGRESS_HEADROOM,
+                backpressure_config={"retry_after_s": 1})
 
 
 def application(args):
     """The Ray Serve application: Ingress(Translator)."""
     args = _absolute(args)
     ingress = serve.deployment(
-        name="Ingress", num_replicas=1, max_ongoing_requests=args.max_queue + 64,
+        name="Ingress", num_replicas=1, **ingress_options(args),
         ray_actor_options={"num_cpus": 0}, logging_config=LOGGING,
         graceful_shutdown_timeout_s=args.timeout + 5)(serve.ingress()(Ingress))
     return ingress.bind(translator_deployment(args).bind(args), args)

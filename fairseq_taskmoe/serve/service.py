@@ -1,14 +1,18 @@
 """The translation service without HTTP: routes + registry + batcher, and what a request does.
 
-A request (texts, source, target) is planned by `routes` (direct / pivot / zero-shot), its texts
-are split where they exceed the model's positions (`text.split_to_fit`), and each leg of the
-route goes through the batcher as one job, the output of leg 1 being the input of leg 2. The
-HTTP layer (app.py) only parses, validates and answers.
+A request (texts, source, target) is planned by `routes` (direct / pivot / zero-shot). Each text
+(or, for HTML, each text node) is cut into sentences (`sentences.split`: models are trained on
+sentences, and the whitespace between them, newlines included, is kept); each sentence is
+tokenized once and checked against the model's positions; and each leg of the route goes through
+the batcher as one job, the output of leg 1 being the input of leg 2. The CPU work around the
+engine (segmenting, tokenizing, HTML parsing) runs in a worker thread, never on the event loop,
+and the request's deadline starts when the HTTP layer received it. The HTTP layer (app.py) only
+parses, validates and answers.
 """
 
 import asyncio
 import logging
-import re
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,10 +20,10 @@ from .. import langid
 from .batcher import Batcher, Job
 from .registry import Registry, Unavailable
 from .routes import Route, plan_routes
-from .text import split_to_fit
+from .sentences import split
+from .text import TooLong, html_fragments, html_rebuild, html_texts
 
 log = logging.getLogger("taskmoe.serve")
-_HAS_WORD = re.compile(r"\w")
 
 # names of the languages the demo and most task-MoE setups use; others are shown by code
 LANGUAGE_NAMES = {
@@ -32,6 +36,11 @@ LANGUAGE_NAMES = {
 
 class RequestTimeout(RuntimeError):
     pass
+
+
+class LimitExceeded(ValueError):
+    """A request over --batch-limit once its HTML text nodes are counted; the message names
+    the limit."""
 
 
 @dataclass
@@ -59,6 +68,9 @@ class Service:
         # what /metrics, /health and /pairs await before answering: nothing for the embedded
         # server; under Ray Serve, asking every replica for its metrics (ray_engine.py)
         self.refresh = None
+        # what /health asks besides the sub-networks: None when this server can serve, else a
+        # function saying why not (under Ray Serve: no Translator replica answered; ray_engine.py)
+        self.unready = None
 
     async def refreshed(self):
         if self.refresh is not None:
@@ -72,11 +84,6 @@ class Service:
                    routes, limits, spm_model)
 
     # --- what is served ----------------------------------------------------------------------
-
-    def count_tokens(self, text: str) -> int:
-        """Source tokens as the engines count them (SentencePiece pieces, else words)."""
-        return len(self.spm.encode(text, out_type=str)) if self.spm is not None else len(
-            text.split())
 
     def route(self, src: str, tgt: str) -> Route:
         return self.routes[(src, tgt)]
@@ -110,55 +117,104 @@ class Service:
     # --- detection ---------------------------------------------------------------------------
 
     def detect(self, text: str) -> List[dict]:
-        """LibreTranslate's shape: [{"confidence" (0-100), "language"}], best first. Only the
-        languages fairseq_taskmoe.langid knows (en, de, fr, cs) can be detected; no evidence
+        """LibreTranslate's shape: [{"confidence" (0-100), "language"}], best first, over the
+        languages of this model that fairseq_taskmoe.langid knows (en, de, fr, cs); no evidence
         gives [] (and a tie gives the tied languages at equal confidence)."""
-        votes = langid.votes(text)
+        votes = {lang: n for lang, n in langid.votes(text).items() if lang in self.langs}
         total = sum(votes.values())
         return [{"confidence": round(100.0 * n / total, 1), "language": lang}
-                for lang, n in votes.most_common()]
+                for lang, n in sorted(votes.items(), key=lambda kv: -kv[1])]
 
     # --- translation -------------------------------------------------------------------------
 
-    async def translate(self, texts: Sequence[str], src: str, tgt: str,
-                        alternatives: int = 0) -> Tuple[List[str], List[List[str]], Route]:
-        """texts -> (translations, alternatives per text, route). Texts without any word
-        character are returned as they are (as LibreTranslate does)."""
+    def _encode(self, sentence: str) -> List[str]:
+        """The source pieces of one sentence, as the engines make them."""
+        return self.spm.encode(sentence, out_type=str) if self.spm is not None else \
+            sentence.split()
+
+    def _checked_size(self, sentence: str, what: str = "a sentence") -> int:
+        """Source tokens of `sentence` with the language token and </s>; TooLong past the
+        model's positions (never cut silently)."""
+        n = len(self._encode(sentence))
+        if n > self.max_tokens:
+            raise TooLong(f"{what} of {n} tokens is longer than this model takes "
+                          f"({self.max_tokens} tokens per sentence; the text was split at "
+                          f"sentence ends): split it, starting {sentence[:40]!r}")
+        return n + 2
+
+    def _prepare(self, texts: Sequence[str], src: str, fmt: str):
+        """(per text: its Segmented units and, for HTML, its fragments; every sentence in order;
+        their sizes). Runs in a worker thread."""
+        docs = []
+        for text in texts:
+            if fmt == "html":
+                parts = html_fragments(text)
+                docs.append((parts, [split(node, src) for node in html_texts(parts)]))
+            else:
+                docs.append((None, [split(text, src)]))
+        units = sum(len(d[1]) for d in docs)
+        if fmt == "html" and self.limits.batch_limit and units > self.limits.batch_limit:
+            raise LimitExceeded(f"Invalid request: Request ({units} HTML text nodes) exceeds "
+                                f"text limit ({self.limits.batch_limit})")
+        sentences = [s for _, segs in docs for seg in segs for s in seg.sentences]
+        return docs, sentences, [self._checked_size(s) for s in sentences]
+
+    async def translate(self, texts: Sequence[str], src: str, tgt: str, alternatives: int = 0,
+                        fmt: str = "text", deadline: Optional[float] = None
+                        ) -> Tuple[List[str], List[List[str]], Route]:
+        """texts -> (translations, alternatives per text, route). Each text is translated
+        sentence by sentence and put back together with its own spacing and newlines; text
+        without any word character is returned as it is (as LibreTranslate does). `deadline`:
+        time.monotonic() by which to answer (default: now + the request timeout)."""
         route = self.routes[(src, tgt)]
         if not route.available:
             raise Unavailable(route.why)
-        todo = [i for i, t in enumerate(texts) if _HAS_WORD.search(t)]
-        segments: List[str] = []
-        owner: List[int] = []
-        for i in todo:
-            for seg in split_to_fit(texts[i].strip(), self.count_tokens, self.max_tokens):
-                segments.append(seg)
-                owner.append(i)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.timeout
-        current = segments
+        if deadline is None:
+            deadline = time.monotonic() + self.limits.timeout
+        docs, current, sizes = await asyncio.to_thread(self._prepare, texts, src, fmt)
         hyps: List[List[str]] = []
         for n, leg in enumerate(route.legs):
+            if not current:
+                break  # nothing to translate: no job, no sub-network loaded
+            if n:  # leg 2 of a pivot: its input is leg 1's output, in the pivot language
+                sizes = await asyncio.to_thread(
+                    lambda: [self._checked_size(s, f"the {leg[0]} pivot translation of a "
+                                                "sentence") for s in current])
+            if time.monotonic() >= deadline:  # nobody would wait for the answer
+                raise RequestTimeout(f"translation took longer than {self.limits.timeout:g} s")
             last = n == len(route.legs) - 1
             nbest = 1 + alternatives if last else 1
             job = Job(list(current), leg[0], leg[1], beam=self.limits.beam, nbest=nbest,
-                      tokens=sum(self.count_tokens(t) + 2 for t in current))
+                      sizes=sizes, deadline=deadline)
             future = self.batcher.submit(self.registry.key_of(leg), job)
             try:
                 hyps = await asyncio.wait_for(asyncio.wrap_future(future),
-                                              timeout=max(0.001, deadline - loop.time()))
+                                              timeout=max(0.001, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 future.cancel()
                 raise RequestTimeout(f"translation took longer than {self.limits.timeout:g} s")
+            except asyncio.CancelledError:  # the client went away: drop what has not started
+                future.cancel()
+                raise
             current = [h[0] if h else "" for h in hyps]
-        out = list(texts)
-        alts: List[List[str]] = [[] for _ in texts]
-        parts: Dict[int, List[List[str]]] = {}
-        for i, h in zip(owner, hyps):
-            parts.setdefault(i, []).append(h)
-        for i, segs in parts.items():
-            out[i] = " ".join(s[0] if s else "" for s in segs)
-            for k in range(1, 1 + alternatives):
-                if all(len(s) > k for s in segs):
-                    alts[i].append(" ".join(s[k] for s in segs))
-        return out, alts, route
+        return (*_reassemble(docs, hyps, alternatives), route)
+
+
+def _reassemble(docs, hyps: List[List[str]], alternatives: int):
+    """The texts with their sentences translated, and the k-th alternative of each text (each
+    sentence by its k-th hypothesis; only where every sentence has one)."""
+    out: List[str] = []
+    alts: List[List[str]] = []
+    it = iter(hyps)
+    for parts, segs in docs:
+        mine = [[next(it) for _ in seg.sentences] for seg in segs]
+        best = [seg.join([h[0] if h else "" for h in hs]) for seg, hs in zip(segs, mine)]
+        if parts is not None:
+            out.append(html_rebuild(parts, best))
+            alts.append([])
+            continue
+        out.append(best[0])
+        seg, hs = segs[0], mine[0]
+        alts.append([seg.join([h[k] for h in hs]) for k in range(1, 1 + alternatives)
+                     if hs and all(len(h) > k for h in hs)])
+    return out, alts

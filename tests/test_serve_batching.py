@@ -1,0 +1,333 @@
+"""The request path of taskmoe-serve, on fake engines (no model): engine calls bounded by
+--max-batch-tokens with other requests between a large request's chunks, one worker woken per
+submit, texts translated sentence by sentence with their layout kept, HTML text nodes counted
+against the limits, word-less requests never queued, a pivot's second leg length-checked,
+cancelled jobs dropped (issue 26 items 3, 4, 7, 9, 17, 22, 23)."""
+
+import asyncio
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from test_serve import FakeRegistry, facts
+
+
+class RecordingEngine:
+    """Wraps each text in <...> (so a text translated whole differs from one translated by
+    sentence); records each call; the first call can be held until `release` is set."""
+
+    def __init__(self, hold_first=False):
+        self.calls = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def group_key(self, src, tgt):
+        return tgt
+
+    def translate(self, texts, src, tgt, beam, nbest=1):
+        self.calls.append(list(texts))
+        self.entered.set()
+        self.release.wait(10)
+        return [[f"<{t}>"] + [f"<{t}|{k}>" for k in range(1, nbest)] for t in texts]
+
+
+class CountingRegistry(FakeRegistry):
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.uses = 0
+
+    @contextmanager
+    def use(self, key, timeout=300.0):
+        self.uses += 1
+        yield self.engine
+
+
+def job(texts, sizes=None, **kw):
+    from fairseq_taskmoe.serve.batcher import Job
+
+    return Job(list(texts), "en", "de", 4, 1, sizes or [1] * len(texts), **kw)
+
+
+def test_a_large_request_is_chunked_and_a_small_one_goes_between_its_chunks():
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = RecordingEngine(hold_first=True)
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0)
+    big = batcher.submit("k", job([f"b{i}" for i in range(50)]))
+    assert engine.entered.wait(5)  # the first chunk is in the engine
+    small = batcher.submit("k", job(["s"]))
+    engine.release.set()
+    assert small.result(5) == [["<s>"]]
+    assert big.result(5) == [[f"<b{i}>"] for i in range(50)]  # in order, every text once
+    assert all(sum(1 for _ in call) <= 10 for call in engine.calls)  # bounded calls
+    assert len(engine.calls) == 6  # five chunks of ten and the small request's turn...
+    assert "s" in engine.calls[1]  # ...right after the chunk that was running
+    batcher.close()
+
+
+def test_a_text_larger_than_the_bound_goes_alone_and_sizes_are_tokens():
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = RecordingEngine()
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0)
+    out = batcher.submit("k", job(["long", "a", "b"], sizes=[25, 5, 5])).result(5)
+    assert out == [["<long>"], ["<a>"], ["<b>"]]
+    assert engine.calls == [["long"], ["a", "b"]]  # longest first, never cut, then the rest
+    batcher.close()
+
+
+def test_a_cancelled_job_stops_between_chunks():
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = RecordingEngine(hold_first=True)
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0)
+    gone = batcher.submit("k", job([f"b{i}" for i in range(50)]))
+    assert engine.entered.wait(5)
+    assert gone.cancel()  # the client went away while its first chunk ran
+    engine.release.set()
+    after = batcher.submit("k", job(["next"]))
+    assert after.result(5) == [["<next>"]]
+    assert [len(c) for c in engine.calls] == [10, 1]  # the other 40 texts were never translated
+    assert batcher.pending() == 0
+    batcher.close()
+
+
+def test_a_submit_wakes_only_the_worker_of_its_sub_network():
+    from fairseq_taskmoe.serve import batcher as batching
+
+    wakes = {}
+
+    class Counted(threading.Condition):
+        def wait(self, timeout=None):
+            got = super().wait(timeout)
+            wakes[self.key] = wakes.get(self.key, 0) + 1
+            return got
+
+    class CountingBatcher(batching.Batcher):
+        def _condition(self, key):
+            cond = Counted(self._lock)
+            cond.key = key
+            return cond
+
+    b = CountingBatcher(FakeRegistry(RecordingEngine()), max_wait_ms=0)
+    for k in range(20):  # twenty idle sub-networks, each with its worker waiting
+        b.submit(f"idle{k}", job(["x"])).result(5)
+    time.sleep(0.2)
+    wakes.clear()
+    for _ in range(50):
+        b.submit("hot", job(["y"])).result(5)
+    assert not any(k.startswith("idle") for k in wakes), wakes
+    b.close()
+
+
+def service_on(engine, routes_facts=None, **limits):
+    from fairseq_taskmoe.serve.batcher import Batcher
+    from fairseq_taskmoe.serve.routes import plan_routes
+    from fairseq_taskmoe.serve.service import ServeLimits, Service
+
+    registry = CountingRegistry(engine)
+    registry.facts = routes_facts or facts()
+    registry.max_source_positions = limits.pop("positions", 1024)
+    registry.key_of = lambda pair: f"*-{pair[1]}"
+    batcher = Batcher(registry, max_wait_ms=0)
+    return Service(registry, batcher, plan_routes(registry.facts), ServeLimits(**limits))
+
+
+def test_texts_are_translated_by_sentence_and_keep_their_layout():
+    engine = RecordingEngine()
+    service = service_on(engine)
+    text = "A dog runs.\n\nA cat sleeps. Two men play!\n"
+    out, _, route = asyncio.run(service.translate([text, "One."], "en", "de"))
+    assert out == ["<A dog runs.>\n\n<A cat sleeps.> <Two men play!>\n", "<One.>"]
+    assert sorted(engine.calls[0]) == sorted(["A dog runs.", "A cat sleeps.", "Two men play!",
+                                              "One."])  # one call for both texts
+    service.batcher.close()
+
+
+def test_alternatives_are_joined_per_text_from_each_sentences_hypotheses():
+    service = service_on(RecordingEngine())
+    out, alts, _ = asyncio.run(service.translate(["The dog ran. The cat sat."], "en", "de",
+                                                 alternatives=2))
+    assert out == ["<The dog ran.> <The cat sat.>"]
+    assert alts == [["<The dog ran.|1> <The cat sat.|1>", "<The dog ran.|2> <The cat sat.|2>"]]
+    service.batcher.close()
+
+
+def test_word_less_requests_are_answered_without_a_job():
+    engine = RecordingEngine()
+    service = service_on(engine)
+    out, _, _ = asyncio.run(service.translate(["...", "  ", "?!\n"], "en", "de"))
+    assert out == ["...", "  ", "?!\n"]
+    assert engine.calls == [] and service.registry.uses == 0  # nothing queued, nothing loaded
+    service.batcher.close()
+
+
+def test_html_text_nodes_count_against_the_batch_limit():
+    from fairseq_taskmoe.serve.service import LimitExceeded
+
+    service = service_on(RecordingEngine(), batch_limit=10)
+    markup = "".join(f"<b>w{i}</b>" for i in range(30))
+    with pytest.raises(LimitExceeded, match=r"Request \(30 HTML text nodes\) exceeds text limit "
+                       r"\(10\)"):
+        asyncio.run(service.translate([markup], "en", "de", fmt="html"))
+    out, _, _ = asyncio.run(service.translate(["<p>The dog ran. The cat sat.</p> <i>e</i>"],
+                                              "en", "de", fmt="html"))
+    assert out == ["<p>&lt;The dog ran.&gt; &lt;The cat sat.&gt;</p> <i>&lt;e&gt;</i>"]
+    service.batcher.close()
+
+
+def test_a_pivots_second_leg_is_length_checked():
+    from fairseq_taskmoe.serve.text import TooLong
+
+    class Verbose(RecordingEngine):
+        def translate(self, texts, src, tgt, beam, nbest=1):
+            return [[" ".join(["w"] * 40)] * nbest for _ in texts]
+
+    service = service_on(Verbose(), positions=32)  # 30 tokens per sentence
+    assert service.route("de", "fr").kind == "pivot"
+    with pytest.raises(TooLong, match="the en pivot translation of a sentence of 40 tokens"):
+        asyncio.run(service.translate(["x y z"], "de", "fr"))
+    service.batcher.close()
+
+
+def test_the_deadline_counts_from_arrival():
+    from fairseq_taskmoe.serve.service import RequestTimeout
+
+    service = service_on(RecordingEngine(), timeout=30)
+    with pytest.raises(RequestTimeout):  # the HTTP layer's clock ran out before the batcher
+        asyncio.run(service.translate(["A b."], "en", "de", deadline=time.monotonic() - 1))
+    service.batcher.close()
+
+
+# --- over HTTP, on the tiny trained model -------------------------------------------------------
+
+httpx = pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def chunking_server(trained_tiny, tiny_data, tmp_path_factory):
+    pytest.importorskip("ctranslate2")
+    from test_serve import base_args, serving
+
+    cache = tmp_path_factory.mktemp("serve-cache-chunks")
+    with serving(base_args(trained_tiny, tiny_data, cache, "--quantization", "float32",
+                           "--max-batch-tokens", "64", "--max-wait-ms", "0", "--batch-limit",
+                           "5000", "--char-limit", "300000", "--body-limit", "4MB")) as running:
+        yield running
+
+
+def many_texts(tiny_data, n):
+    from test_serve import sentences
+
+    pool = sentences(tiny_data, "en")
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def test_one_large_request_does_not_hold_a_pair_for_everyone(chunking_server, tiny_data):
+    from test_serve import metric, post
+
+    url, _ = chunking_server
+    big_texts = many_texts(tiny_data, 3000)
+    finished = []
+
+    def big():
+        answer = post(url, "/translate", json={"q": big_texts, "source": "en", "target": "de"})
+        finished.append("big")
+        return answer
+
+    thread_answer = []
+    t = threading.Thread(target=lambda: thread_answer.append(big()))
+    t.start()
+    deadline = time.time() + 30
+    while metric(httpx.get(url + "/metrics").text, "taskmoe_batch_texts_count",
+                 subnetwork="*-de") == 0:  # the large request's first chunk is translating
+        assert time.time() < deadline
+        time.sleep(0.01)
+    small = post(url, "/translate", json={"q": big_texts[0], "source": "en", "target": "de"})
+    finished.append("small")
+    t.join(120)
+    assert finished == ["small", "big"]  # the small request did not wait for the large one
+    assert small.status_code == 200 and thread_answer[0].status_code == 200
+    assert thread_answer[0].json()["translatedText"][0] == small.json()["translatedText"]
+    metrics = httpx.get(url + "/metrics").text
+    calls = metric(metrics, "taskmoe_batch_texts_count", subnetwork="*-de")
+    # every engine call held at most 64 source tokens: at least 4 per text (2 words + 2)
+    assert metric(metrics, "taskmoe_batch_texts_bucket", subnetwork="*-de", le="16.0") == calls
+    assert calls >= 3000 * 4 // 64
+
+
+def test_a_client_that_goes_away_is_cancelled(chunking_server, tiny_data):
+    from test_serve import metric, post
+
+    url, _ = chunking_server
+    before = httpx.get(url + "/metrics").text
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/translate", timeout=0.5,
+                   json={"q": many_texts(tiny_data, 4000), "source": "en", "target": "fr"})
+    deadline = time.time() + 30
+    while True:
+        after = httpx.get(url + "/metrics").text
+        if metric(after, "taskmoe_requests_total", endpoint="/translate", status="499",
+                  pair="en-fr"):
+            break
+        assert time.time() < deadline, "the disconnect was never noticed"
+        time.sleep(0.05)
+    time.sleep(0.5)  # nothing more is translated for it
+    done = (metric(after, "taskmoe_batch_texts_sum", subnetwork="*-fr")
+            - metric(before, "taskmoe_batch_texts_sum", subnetwork="*-fr"))
+    later = metric(httpx.get(url + "/metrics").text, "taskmoe_batch_texts_sum",
+                   subnetwork="*-fr")
+    assert done < 4000 and later - metric(before, "taskmoe_batch_texts_sum",
+                                          subnetwork="*-fr") <= done + 64
+    assert post(url, "/translate", json={"q": "e1 e2", "source": "en",
+                                         "target": "fr"}).status_code == 200
+
+
+def test_sentences_and_newlines_over_http(chunking_server):
+    from test_serve import post
+
+    url, _ = chunking_server
+
+    def one(text):
+        return post(url, "/translate", json={"q": text, "source": "en",
+                                             "target": "de"}).json()["translatedText"]
+
+    a, b, c = "e1 e2 e3.", "e4 e5!", "e6 e7 e8 e9?"
+    joined = one(f"{a} {b}\n\n{c}\n")
+    assert joined == f"{one(a)} {one(b)}\n\n{one(c)}\n"
+
+
+def test_health_answers_while_a_large_text_is_prepared(chunking_server):
+    url, _ = chunking_server
+    text = "e1 e2 e3. " * 25000  # 250,000 characters, 25,000 sentences
+    errors = []
+
+    def big():
+        try:
+            httpx.post(url + "/translate", timeout=2.0,
+                       json={"q": text, "source": "en", "target": "de"})
+        except httpx.TimeoutException:
+            pass
+        except Exception as err:  # pragma: no cover
+            errors.append(err)
+
+    t = threading.Thread(target=big)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert time.perf_counter() - t0 < 1.0  # was 5.3 s for a 1 MB text on the event loop
+    t.join(30)
+    assert not errors
+
+
+def test_alternatives_never_widen_the_beam(trained_tiny, tiny_data, tmp_path):
+    from test_serve import base_args, make_service
+
+    service, _ = make_service(base_args(trained_tiny, tiny_data, tmp_path, "--beam", "2",
+                                        "--quantization", "float32"))
+    assert service.limits.alternatives_limit == 1  # --alternatives-limit 3 > beam - 1
+    service.batcher.close()
