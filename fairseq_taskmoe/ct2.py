@@ -9,18 +9,34 @@ in, raw text out. Imports neither fairseq nor the plugin.
 The model directory holds `taskmoe_export.json` (export.CONVENTION_FILE): the language tokens
 fairseq's translation_multi_simple_epoch adds (`--encoder-langtok tgt`: `__de__` before the
 source pieces; `--decoder-langtok`: `__de__` forced as the first target token) and the
-SentencePiece model, if one was given to the exporter. CTranslate2 appends `</s>` to the source
-and starts the decoder with `</s>`, as fairseq does. Without a SentencePiece model, input and
-output are whitespace-separated tokens (fairseq's dictionary symbols).
+SentencePiece model, if one was given to the exporter. The tokens are those of the pair asked
+(`language_tokens`, `source_lang=` / `target_lang=`): a model that serves several pairs (`*-de`;
+`*-*` for a model without task-routed layers) is not tied to the pair it was exported for.
+CTranslate2 appends `</s>` to the source and starts the decoder with `</s>`, as fairseq does.
+Without a SentencePiece model, input and output are whitespace-separated tokens (fairseq's
+dictionary symbols).
 """
 
 import json
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .moe.pairs import serves  # plain Python: the rule taskmoe-prune and -export use
 
 CONVENTION_FILE = "taskmoe_export.json"  # same name as export.CONVENTION_FILE (no fairseq here)
+
+
+def language_tokens(convention: dict, src: str, tgt: str) -> Tuple[List[str], List[str]]:
+    """(source prefix, target prefix) that fairseq's translation_multi_simple_epoch adds for
+    src -> tgt, from a convention's `lang_tok_format` (`__{}__`), `encoder_langtok` (src: the
+    source's token before the pieces, tgt: the target's, none: nothing) and `decoder_langtok`
+    (the target's token forced first). The one rule for the tokens of a pair: the exporter
+    records them, the engines compute them for the pair asked."""
+    fmt = convention["lang_tok_format"]
+    encoder = convention.get("encoder_langtok")
+    source = {"src": [fmt.format(src)], "tgt": [fmt.format(tgt)]}.get(encoder, [])
+    target = [fmt.format(tgt)] if convention.get("decoder_langtok") else []
+    return source, target
 
 
 class CT2Translator:
@@ -54,18 +70,25 @@ class CT2Translator:
         self.source_lang = self.convention["source_lang"]
         self.target_lang = self.convention["target_lang"]
 
-    def source_prefix(self, source_lang: Optional[str] = None) -> List[str]:
-        """Tokens before the pieces. Only `--encoder-langtok src` depends on the source
-        language (a target-routed export serves any source language into its target)."""
+    def tokens(self, source_lang: Optional[str] = None,
+               target_lang: Optional[str] = None) -> Tuple[List[str], List[str]]:
+        """(source prefix, target prefix) of source_lang -> target_lang (default: the pair the
+        model was exported for); ValueError for a pair the model does not serve. An export that
+        serves several pairs (`*-de`, or `*-*` for a model without task-routed layers) is
+        given the tokens of the pair asked, not those of the pair it was exported for."""
         conv = self.convention
-        if source_lang is not None:
-            if not serves(conv["serves"], source_lang, self.target_lang):
-                raise ValueError(
-                    f"this model serves {', '.join(conv['serves'])}, not "
-                    f"{source_lang}-{self.target_lang}: export that pair with taskmoe-export")
-        if source_lang is None or conv["encoder_langtok"] != "src":
-            return list(conv["source_prefix"])
-        return [conv["lang_tok_format"].format(source_lang)]
+        src = source_lang if source_lang is not None else self.source_lang
+        tgt = target_lang if target_lang is not None else self.target_lang
+        if not serves(conv["serves"], src, tgt):
+            raise ValueError(f"this model serves {', '.join(conv['serves'])}, not {src}-{tgt}: "
+                             "export that pair with taskmoe-export")
+        return language_tokens(conv, src, tgt)
+
+    def source_prefix(self, source_lang: Optional[str] = None,
+                      target_lang: Optional[str] = None) -> List[str]:
+        """Tokens before the pieces (see `tokens`). Only `--encoder-langtok src` depends on the
+        source language (a target-routed export serves any source language into its target)."""
+        return self.tokens(source_lang, target_lang)[0]
 
     def encode(self, text: str) -> List[str]:
         return self.spm.encode(text, out_type=str) if self.spm is not None else text.split()
@@ -74,14 +97,15 @@ class CT2Translator:
         return self.spm.decode(list(tokens)) if self.spm is not None else " ".join(tokens)
 
     def translate_tokens(self, tokens: List[List[str]], beam: int = 5, max_batch_size: int = 0,
-                         source_lang: Optional[str] = None, **options) -> List[List[str]]:
+                         source_lang: Optional[str] = None, target_lang: Optional[str] = None,
+                         **options) -> List[List[str]]:
         """Token lists (no language tokens) -> best hypotheses as token lists. `options` go to
         ctranslate2.Translator.translate_batch (length_penalty, max_decoding_length, ...);
-        max_batch_size 0 = one batch (CTranslate2 sorts by length inside)."""
+        max_batch_size 0 = one batch (CTranslate2 sorts by length inside). source_lang,
+        target_lang: the pair (default: the exported one), for a model that serves several."""
         if not tokens:
             return []
-        prefix = self.source_prefix(source_lang)
-        target_prefix = list(self.convention["target_prefix"])
+        prefix, target_prefix = self.tokens(source_lang, target_lang)
         results = self.translator.translate_batch(
             [prefix + t for t in tokens],
             target_prefix=[target_prefix] * len(tokens) if target_prefix else None,
@@ -89,13 +113,14 @@ class CT2Translator:
         return [r.hypotheses[0][len(target_prefix):] for r in results]
 
     def translate(self, text: Union[str, Sequence[str]], beam: int = 5, max_batch_size: int = 0,
-                  source_lang: Optional[str] = None, **options) -> Union[str, List[str]]:
+                  source_lang: Optional[str] = None, target_lang: Optional[str] = None,
+                  **options) -> Union[str, List[str]]:
         """Raw text (one string or a list) -> translation(s), same shape."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         hyps = self.translate_tokens([self.encode(t) for t in texts], beam=beam,
                                      max_batch_size=max_batch_size, source_lang=source_lang,
-                                     **options)
+                                     target_lang=target_lang, **options)
         out = [self.decode(h) for h in hyps]
         return out[0] if single else out
 

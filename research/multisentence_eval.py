@@ -91,8 +91,9 @@ async def whole_translation(service, texts, src, tgt):
     out = []
     for start in range(0, len(texts), CHUNK):
         part = texts[start:start + CHUNK]
-        job = Job(part, src, tgt, beam=service.limits.beam, nbest=1,
-                  sizes=[len(service._encode(t)) + 2 for t in part])
+        pieces = [service._encode(t) for t in part]
+        job = Job(pieces, src, tgt, beam=service.limits.beam, nbest=1,
+                  sizes=[len(p) + 2 for p in pieces])
         hyps = await asyncio.wrap_future(service.batcher.submit(key, job))
         out += [h[0] for h in hyps]
     return out

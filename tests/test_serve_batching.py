@@ -28,6 +28,8 @@ class RecordingEngine:
         return tgt
 
     def translate(self, texts, src, tgt, beam, nbest=1):
+        # through the service, inputs are pieces (whitespace tokens: no SentencePiece model)
+        texts = [t if isinstance(t, str) else " ".join(t) for t in texts]
         self.calls.append(list(texts))
         self.entered.set()
         self.release.wait(10)

@@ -159,7 +159,8 @@ def make_service(args):
     try:
         registry = Registry(args.checkpoint, args.data, args.spm_model, backend=args.backend,
                             quantization=args.quantization, cache_dir=args.cache_dir,
-                            memory_budget=budget, threads=args.threads, metrics=Metrics())
+                            memory_budget=budget, threads=args.threads, metrics=Metrics(),
+                            load_timeout=args.timeout)
         allowed = parse_pairs_option(args.pairs, registry.facts.langs)
         routes = plan_routes(registry.facts, args.pivot, allowed)
     except (FileNotFoundError, CheckpointError, PruningError, RouteError) as err:

@@ -353,22 +353,22 @@ def language_convention(dense: DenseExport) -> dict:
     target token(s) (stripped from the output)."""
     from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 
+    from ..ct2 import language_tokens  # the one rule for the tokens of a pair
+
     task = dense.task
     style = task.get("lang_tok_style") or "multilingual"
     src, tgt = dense.pair
-    encoder_langtok = task.get("encoder_langtok")
-    source_prefix = {"src": [get_lang_tok(src, style)], "tgt": [get_lang_tok(tgt, style)]}.get(
-        encoder_langtok, [])
+    tokens = {"lang_tok_format": get_lang_tok("{}", style),
+              "encoder_langtok": task.get("encoder_langtok"),
+              "decoder_langtok": bool(task.get("decoder_langtok"))}
+    source_prefix, target_prefix = language_tokens(tokens, src, tgt)
     langs = task.get("langs")
     return {
         "source_lang": src, "target_lang": tgt,
         "langs": langs.split(",") if isinstance(langs, str) else list(langs or []),
         "lang_pairs": _as_list(task.get("lang_pairs")),
-        "lang_tok_style": style, "lang_tok_format": get_lang_tok("{}", style),
-        "encoder_langtok": encoder_langtok,
-        "decoder_langtok": bool(task.get("decoder_langtok")),
-        "source_prefix": source_prefix,
-        "target_prefix": [get_lang_tok(tgt, style)] if task.get("decoder_langtok") else [],
+        "lang_tok_style": style, **tokens,
+        "source_prefix": source_prefix, "target_prefix": target_prefix,
     }
 
 

@@ -1,14 +1,18 @@
-"""Translation engines behind the server: one loaded sub-network, translating a batch of texts.
+"""Translation engines behind the server: one loaded sub-network, translating a batch of inputs.
 
 Both wrap the project's own Python APIs: `ct2.CT2Translator` (a CTranslate2 export) and
 `hub.load_translator` (fairseq's GeneratorHubInterface on a pruned or whole checkpoint). Each
 `translate` call is ONE batch call of the engine (the batcher decides what goes in it) and returns
-the n best hypotheses of every text.
+the n best hypotheses (decoded text) of every input. Inputs are source pieces, tokenized once by
+the service (`Service._encode`, with the same SentencePiece model the export carries; without
+one, whitespace-separated dictionary tokens), without language tokens: the engine adds those of
+the pair asked.
 
 Inputs longer than the model's source positions are never cut: `max_input_tokens` is what the
-caller must check (`text.split_to_fit`, with Service.count_tokens), and the engine is told not
-to truncate (CTranslate2's `max_input_length=0`; fairseq raises on an over-long input). Outputs are bounded
-by `output_bound`: fairseq-generate's 200 tokens, or twice the longest source when that is more.
+caller must check (the service refuses such a sentence with TooLong), and the engine is told not
+to truncate (CTranslate2's `max_input_length=0`; fairseq raises on an over-long input). Outputs
+are bounded by `output_bound`: fairseq-generate's 200 tokens, or twice the longest source when
+that is more, within the decoder's positions (`max_positions`: max_target_positions).
 """
 
 import threading
@@ -28,32 +32,37 @@ def output_bound(longest_source: int, max_positions: int) -> int:
 
 
 class CT2Engine:
-    """A CTranslate2 export. Threads, not processes: CTranslate2 is not fork-safe."""
+    """A CTranslate2 export. Threads, not processes: CTranslate2 is not fork-safe.
+
+    The language tokens are those of the pair asked (`CT2Translator.tokens`), so an export that
+    serves several pairs (`*-de`; `*-*`, a model without task-routed layers, exported once)
+    translates each into its own target. Inputs are bounded by the encoder's positions, outputs
+    by the decoder's."""
 
     backend = "ctranslate2"
 
-    def __init__(self, model_dir: str, threads: int = 1, max_source_positions: int = 1024):
+    def __init__(self, model_dir: str, threads: int = 1, max_source_positions: int = 1024,
+                 max_target_positions: int = 1024):
         from ..ct2 import CT2Translator
 
         self.mt = CT2Translator(model_dir, intra_threads=threads)
-        self.max_positions = max_source_positions
+        self.max_positions = max_target_positions  # what output_bound bounds: the decoder's
         self.max_input_tokens = max_source_positions - 2  # language token and </s>
 
     def group_key(self, src: str, tgt: str):
-        """Requests with equal keys can share one engine call: only `--encoder-langtok src`
-        makes the source language part of the input."""
-        return tuple(self.mt.source_prefix(src)), tgt
+        """Requests with equal keys can share one engine call: the same language tokens."""
+        source, target = self.mt.tokens(src, tgt)
+        return tuple(source), tuple(target)
 
-    def translate(self, texts: Sequence[str], src: str, tgt: str, beam: int,
+    def translate(self, pieces: Sequence[List[str]], src: str, tgt: str, beam: int,
                   nbest: int = 1) -> List[List[str]]:
-        if not texts:
+        if not pieces:
             return []
-        prefix = self.mt.source_prefix(src)
-        target_prefix = list(self.mt.convention["target_prefix"])
-        sources = [prefix + self.mt.encode(t) for t in texts]
+        prefix, target_prefix = self.mt.tokens(src, tgt)
+        sources = [prefix + list(p) for p in pieces]
         bound = output_bound(max(len(s) for s in sources) + 1, self.max_positions)
         results = self.mt.translator.translate_batch(
-            sources, target_prefix=[target_prefix] * len(texts) if target_prefix else None,
+            sources, target_prefix=[target_prefix] * len(pieces) if target_prefix else None,
             beam_size=max(beam, nbest), num_hypotheses=nbest, max_input_length=0,
             max_decoding_length=bound + len(target_prefix))
         return [[self.mt.decode(h[len(target_prefix):]) for h in r.hypotheses] for r in results]
@@ -118,13 +127,14 @@ class FairseqEngine:
         first = next(iter(self.hubs.values()))
         return sum(p.numel() * p.element_size() for m in first.models for p in m.parameters())
 
-    def translate(self, texts: Sequence[str], src: str, tgt: str, beam: int,
+    def translate(self, pieces: Sequence[List[str]], src: str, tgt: str, beam: int,
                   nbest: int = 1) -> List[List[str]]:
-        if not texts:
+        if not pieces:
             return []
         with self.lock:
             hub = self._hub(src, tgt)
-            tokens = [hub.encode(t) for t in texts]
+            # hub.encode(text) is binarize(apply_bpe(text)): the pieces are apply_bpe's output
+            tokens = [hub.binarize(" ".join(p)) for p in pieces]
             bound = output_bound(max(len(t) for t in tokens), self.max_positions)
             batched = hub.generate(tokens, beam=max(beam, nbest), nbest=nbest, max_len_a=0,
                                    max_len_b=bound)

@@ -132,19 +132,24 @@ class Service:
         return self.spm.encode(sentence, out_type=str) if self.spm is not None else \
             sentence.split()
 
-    def _checked_size(self, sentence: str, what: str = "a sentence") -> int:
-        """Source tokens of `sentence` with the language token and </s>; TooLong past the
-        model's positions (never cut silently)."""
-        n = len(self._encode(sentence))
-        if n > self.max_tokens:
-            raise TooLong(f"{what} of {n} tokens is longer than this model takes "
+    def _pieces(self, sentence: str, what: str = "a sentence") -> List[str]:
+        """The source pieces of `sentence` (tokenized once: the engines take them as they
+        are); TooLong past the model's positions (never cut silently)."""
+        pieces = self._encode(sentence)
+        if len(pieces) > self.max_tokens:
+            raise TooLong(f"{what} of {len(pieces)} tokens is longer than this model takes "
                           f"({self.max_tokens} tokens per sentence; the text was split at "
                           f"sentence ends): split it, starting {sentence[:40]!r}")
-        return n + 2
+        return pieces
+
+    def _inputs(self, sentences: Sequence[str], what: str = "a sentence"):
+        """(pieces of each sentence, its size with the language token and </s>)."""
+        pieces = [self._pieces(s, what) for s in sentences]
+        return pieces, [len(p) + 2 for p in pieces]
 
     def _prepare(self, texts: Sequence[str], src: str, fmt: str):
-        """(per text: its Segmented units and, for HTML, its fragments; every sentence in order;
-        their sizes). Runs in a worker thread."""
+        """(per text: its Segmented units and, for HTML, its fragments; the pieces of every
+        sentence in order; their sizes). Runs in a worker thread."""
         docs = []
         for text in texts:
             if fmt == "html":
@@ -157,7 +162,7 @@ class Service:
             raise LimitExceeded(f"Invalid request: Request ({units} HTML text nodes) exceeds "
                                 f"text limit ({self.limits.batch_limit})")
         sentences = [s for _, segs in docs for seg in segs for s in seg.sentences]
-        return docs, sentences, [self._checked_size(s) for s in sentences]
+        return (docs, *self._inputs(sentences))
 
     async def translate(self, texts: Sequence[str], src: str, tgt: str, alternatives: int = 0,
                         fmt: str = "text", deadline: Optional[float] = None
@@ -177,9 +182,8 @@ class Service:
             if not current:
                 break  # nothing to translate: no job, no sub-network loaded
             if n:  # leg 2 of a pivot: its input is leg 1's output, in the pivot language
-                sizes = await asyncio.to_thread(
-                    lambda: [self._checked_size(s, f"the {leg[0]} pivot translation of a "
-                                                "sentence") for s in current])
+                current, sizes = await asyncio.to_thread(
+                    self._inputs, current, f"the {leg[0]} pivot translation of a sentence")
             if time.monotonic() >= deadline:  # nobody would wait for the answer
                 raise RequestTimeout(f"translation took longer than {self.limits.timeout:g} s")
             last = n == len(route.legs) - 1

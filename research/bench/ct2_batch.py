@@ -3,7 +3,7 @@ sentences are translated one at a time and in batches of 4, 16 and 64 (the ceili
 cross-request batching in taskmoe-serve can gain with that engine; docs/serving.md).
 
     .venv/bin/python -m research.bench.ct2_batch \\
-        work/demo/serve-cache/*/ctranslate2-int8-v1/all-de.ct2 \\
+        work/demo/serve-cache/*/ctranslate2-int8-*/all-de.ct2 \\
         --text work/demo/multi30k/text/test.en --compute-types int8,float32
 """
 
