@@ -21,22 +21,9 @@ import json
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
-from .moe.pairs import serves  # plain Python: the rule taskmoe-prune and -export use
+from .moe.pairs import language_tokens, serves  # plain Python, shared with prune and export
 
 CONVENTION_FILE = "taskmoe_export.json"  # same name as export.CONVENTION_FILE (no fairseq here)
-
-
-def language_tokens(convention: dict, src: str, tgt: str) -> Tuple[List[str], List[str]]:
-    """(source prefix, target prefix) that fairseq's translation_multi_simple_epoch adds for
-    src -> tgt, from a convention's `lang_tok_format` (`__{}__`), `encoder_langtok` (src: the
-    source's token before the pieces, tgt: the target's, none: nothing) and `decoder_langtok`
-    (the target's token forced first). The one rule for the tokens of a pair: the exporter
-    records them, the engines compute them for the pair asked."""
-    fmt = convention["lang_tok_format"]
-    encoder = convention.get("encoder_langtok")
-    source = {"src": [fmt.format(src)], "tgt": [fmt.format(tgt)]}.get(encoder, [])
-    target = [fmt.format(tgt)] if convention.get("decoder_langtok") else []
-    return source, target
 
 
 class CT2Translator:

@@ -353,7 +353,7 @@ def language_convention(dense: DenseExport) -> dict:
     target token(s) (stripped from the output)."""
     from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 
-    from ..ct2 import language_tokens  # the one rule for the tokens of a pair
+    from ..moe.pairs import language_tokens  # the one rule for the tokens of a pair
 
     task = dense.task
     style = task.get("lang_tok_style") or "multilingual"

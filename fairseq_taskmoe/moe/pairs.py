@@ -1,8 +1,9 @@
-"""Which language pairs a pruned or exported task-MoE serves, and whether it serves a pair: the
-one rule used by taskmoe-prune (what a pruned checkpoint records), the plugin's start-up check
-(task.py), taskmoe-export (what an export records) and the CTranslate2 API (ct2.py). Plain
-Python that imports nothing, so that ct2.py (and a translation service) can use it without torch
-or fairseq.
+"""Which language pairs a pruned or exported task-MoE serves, and whether it serves a pair (and
+`language_tokens`: the tokens fairseq's multilingual task adds for a pair): the one rule used
+by taskmoe-prune (what a pruned checkpoint records), the plugin's start-up check (task.py),
+taskmoe-export (what an export records), the CTranslate2 API (ct2.py) and the server's engines.
+Plain Python that imports nothing, so that ct2.py (and a translation service) can use it without
+torch or fairseq.
 
 A served entry is `SRC-TGT` (that pair), `*-TGT` (any source language into TGT) or `*-*` (any
 pair). What a model serves follows from how its task-specific MoE layers route:
@@ -56,3 +57,16 @@ def served_pairs(kinds: Iterable[str], pairs: Iterable[Pair]) -> List[str]:
 def serves(served: Iterable[str], src: str, tgt: str) -> bool:
     """Whether a model that serves `served` (a list from served_pairs) translates src -> tgt."""
     return any(entry in (f"{src}-{tgt}", f"{ANY}-{tgt}", f"{ANY}-{ANY}") for entry in served)
+
+
+def language_tokens(convention: dict, src: str, tgt: str) -> Tuple[List[str], List[str]]:
+    """(source prefix, target prefix) that fairseq's translation_multi_simple_epoch adds for
+    src -> tgt, from a convention's `lang_tok_format` (`__{}__`), `encoder_langtok` (src: the
+    source's token before the pieces, tgt: the target's, none: nothing) and `decoder_langtok`
+    (the target's token forced first). The one rule for the tokens of a pair: the exporter
+    records them, the engines compute them for the pair asked."""
+    fmt = convention["lang_tok_format"]
+    encoder = convention.get("encoder_langtok")
+    source = {"src": [fmt.format(src)], "tgt": [fmt.format(tgt)]}.get(encoder, [])
+    target = [fmt.format(tgt)] if convention.get("decoder_langtok") else []
+    return source, target
