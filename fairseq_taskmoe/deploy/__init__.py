@@ -8,5 +8,6 @@ task-MoE computing the same function at step 0). Which pairs a result serves is
 moe/pairs.py's rule.
 
 Imports moe/ and integration/config.py (the MoE options a checkpoint's args carry); used by
-serve/, cli/ (taskmoe-prune, taskmoe-export, taskmoe-upcycle) and scripts. This __init__ imports nothing.
+serve/, cli/ (taskmoe-prune, taskmoe-export, taskmoe-upcycle) and scripts. This __init__
+imports nothing.
 """
