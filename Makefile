@@ -107,5 +107,18 @@ bench-ray-serve: $(STAMP)
 lohelp: $(STAMP)
 	$(PY) scripts/prepare_lohelp.py $(ARGS)
 
+# The routing study on LoHelp (after `make lohelp`; docs/measuring.md): dense, token / token,
+# target / target and lang-pair / lang-pair on the 28 en<->X directions, about 3 hours of
+# training each on 2 cores, resumable like `make study`: results/study-lohelp/*.json. Japanese
+# BLEU needs sacreBLEU's MeCab tokenizer (sacrebleu[ja]), installed here when missing.
+# ARGS passes flags on, e.g. make study-lohelp ARGS="--only dense,target_target".
+.PHONY: study-lohelp study-lohelp-report
+study-lohelp: $(STAMP)
+	$(PY) -c "import MeCab, ipadic" 2>/dev/null || $(PIP) install -q "sacrebleu[ja]"
+	$(PY) -m research.study --corpus lohelp $(ARGS)
+# docs/results-many.md from results/study-lohelp/*.json
+study-lohelp-report: $(STAMP)
+	$(PY) -m research.study.report --corpus lohelp $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,6 +25,19 @@ Smoke test of the machinery (minutes; never into results/ or docs/):
         --img-dir /tmp/s/img --only dense-s1,target_target --max-update 40 --save-interval 10 \\
         --train-size 2000 --directions en-de,de-en,de-fr --max-len-b 30
 
+On LoHelp (--corpus lohelp; the corpus of `make lohelp`, docs/corpus-lohelp.md): English and
+14 languages, trained on the 28 en<->X directions with temperature sampling over the pairs,
+dense, token / token, target / target and lang-pair / lang-pair, one seed each, preset lohelp
+(grid.PRESETS: the same backbone, the update count sized to about 3 hours on 2 cores), folders
+work/study-lohelp, results/study-lohelp, docs/img/study-lohelp. Each direction translates a
+seeded sample of at most --test-cap (500) of its pair's test paragraphs, full and pruned alike;
+BLEU uses sacreBLEU's zh and ja-mecab tokenizers for Chinese and Japanese, chrF everywhere; no
+off-target rates (the detector knows en, de, fr, cs only) and no zero-shot directions (no X-Y
+test sets yet). corpus.py says how.
+
+    .venv/bin/python -m research.study --corpus lohelp --only dense,token_token,target_target
+    .venv/bin/python -m research.study.report --corpus lohelp   # -> docs/results-many.md
+
 Resuming: a run whose results JSON exists is skipped; fairseq-train resumes from the run's
 checkpoint_last.pt (saved every 200 updates); every evaluation step is skipped when its output
 file exists. Kill it at any point and start the same command again.
@@ -33,7 +46,8 @@ Work files (checkpoints, logs, generations) go under --work (default work/study/
 results JSONs under --results (default results/study/), heatmaps under --img-dir (default
 docs/img/).
 
-Modules: grid (the runs, their flags and fairseq-train command), training, evaluation, runner
-(arguments and the driver; `python -m research.study`), report/ (docs/results.md), heatmap and
-routing_stats (expert usage per pair of one checkpoint).
+Modules: grid (the runs, their flags and fairseq-train command), corpus (Multi30k or LoHelp:
+languages, directions, references, capped test sets, BLEU tokenizers), training, evaluation,
+runner (arguments and the driver; `python -m research.study`), report/ (docs/results.md and
+docs/results-many.md), heatmap and routing_stats (expert usage per pair of one checkpoint).
 """

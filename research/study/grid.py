@@ -1,5 +1,6 @@
-"""The study's grid of runs: the backbone and recipe every model shares, the scale presets, the
-routing variants and their seeds, and a run's fairseq-train command."""
+"""The study's grid of runs: the backbone and recipe every model shares, the scale presets (cpu
+and gpu for Multi30k, lohelp for LoHelp), the routing variants and their seeds, the runs of each
+corpus, and a run's fairseq-train command."""
 
 from pathlib import Path
 
@@ -10,6 +11,11 @@ ZERO_SHOT = ["de-fr", "fr-de", "de-cs", "cs-de", "fr-cs", "cs-fr"]
 DIRECTIONS = TRAINED + ZERO_SHOT
 BEAM = 5
 MAX_TOKENS = 4096
+# LoHelp's budget: about 3 hours of training on 2 idle cores. Measured 2026-12-07 at nice 10,
+# one thread, on a busy machine (load 4.5-9): token / token on LoHelp took 1.57x the CPU time
+# per update of the same model on Multi30k (9.8-10.4 against 6.4-6.5 CPU s), and Multi30k's
+# study trains at 1.5 s per update on 2 idle cores, so about 2.4 s per update here.
+LOHELP_MAX_UPDATE = 4500
 
 # The backbone and training recipe of every model in the study; VARIANTS only add routing and
 # balance-loss flags. Values of None are switches.
@@ -45,7 +51,19 @@ PRESETS = {
         "--lr": 0.0007, "--warmup-updates": 4000, "--dropout": 0.1,
         "--max-tokens": 16384, "--amp": None,
     }, max_update=30000, device=[], folder="study-gpu"),
+    # LoHelp (--corpus lohelp, its own preset): 28 en<->X directions of 15 languages, paragraphs
+    # of 17.5 English words on average, 10.8k-23.7k per pair, sampled with temperature 5 (nearly
+    # uniform over the pairs: 20.3k-23.7k per epoch of 4,761 updates). The Multi30k study's
+    # backbone, LOHELP_MAX_UPDATE updates (about 3 hours on 2 idle cores; docs/measuring.md,
+    # "Quality study on LoHelp").
+    "lohelp": dict(flags={
+        **SHARED_FLAGS,
+        "--sampling-method": "temperature", "--sampling-temperature": 5,
+    }, max_update=LOHELP_MAX_UPDATE, device=["--cpu"], folder="study-lohelp", corpus="lohelp"),
 }
+# the corpus each preset is for (--corpus must match)
+PRESET_CORPUS = {name: spec.get("corpus", "multi30k") for name, spec in PRESETS.items()}
+CORPUS_PRESET = {"multi30k": "cpu", "lohelp": "lohelp"}  # --preset's default per --corpus
 
 
 def moe(enc, dec, gate_loss_wt=0.01, scope="tokens"):
@@ -87,9 +105,21 @@ TASK_ROUTING = {"target", "lang_pair"}
 UNSEEN_OPTION, UNSEEN_POLICIES = "moe_unseen_pairs", ("own_row", "target_mean")
 
 
-def runs():
+# The runs of each corpus: {variant: seeds}, in study order (None: every variant, its seeds).
+# LoHelp first runs one seed of dense and of the token- and task-routed MoE (lang-pair routing
+# last: 28 gate rows, one per direction).
+CORPUS_RUNS = {"multi30k": None,
+               "lohelp": {"dense": (1,), "token_token": (1,), "target_target": (1,),
+                          "lang_pair_lang_pair": (1,)}}
+
+
+def runs(corpus="multi30k"):
     """[(run name, variant name, seed)] in study order."""
-    return [(f"{v}-s{seed}", v, seed) for v, spec in VARIANTS.items() for seed in spec["seeds"]]
+    chosen = CORPUS_RUNS[corpus]
+    if chosen is None:
+        return [(f"{v}-s{seed}", v, seed) for v, spec in VARIANTS.items()
+                for seed in spec["seeds"]]
+    return [(f"{v}-s{seed}", v, seed) for v, seeds in chosen.items() for seed in seeds]
 
 
 def flag_list(flags: dict):
@@ -100,8 +130,8 @@ def flag_list(flags: dict):
 
 
 def train_command(data: Path, variant: str, seed: int, save_dir: Path, max_update: int,
-                  save_interval: int = 200, preset: str = "cpu"):
-    return [BIN / "fairseq-train", *task_flags(data, ",".join(LANGS), ",".join(TRAINED)),
+                  save_interval: int = 200, preset: str = "cpu", langs=LANGS, pairs=TRAINED):
+    return [BIN / "fairseq-train", *task_flags(data, ",".join(langs), ",".join(pairs)),
             *flag_list(PRESETS[preset]["flags"]), *VARIANTS[variant]["flags"],
             "--max-update", max_update, "--seed", seed, "--save-dir", save_dir,
             "--no-epoch-checkpoints", "--save-interval-updates", save_interval,

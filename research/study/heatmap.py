@@ -34,7 +34,10 @@ def draw(usage, out, title=None):
     layers = sorted(usage, key=lambda name: (not name.startswith("enc"), name))
     if not layers:
         raise SystemExit("no MoE layer with routing counts: is this a dense checkpoint?")
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1.2, 3.2),
+    rows = max(len(usage[layer]) for layer in layers)
+    # Multi30k's at most 12 pairs fit 3.2 inches; LoHelp's 28 get a taller figure
+    height = 3.2 if rows <= 12 else 0.2 * rows + 1.0
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1.2, height),
                              squeeze=False, constrained_layout=True)
     image = None
     for ax, layer in zip(axes[0], layers):

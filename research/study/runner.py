@@ -12,46 +12,67 @@ from pathlib import Path
 import research.study
 from fairseq_taskmoe.langid import language_shares
 from research.common import REPO, hms, logger, read_json, run, show, write_json
+from research.study.corpus import (CORPORA, LOHELP_DIR, MULTI30K, TEST_CAP, build_capped_test,
+                                   lohelp_corpus)
 from research.study.evaluation import evaluate
-from research.study.grid import DIRECTIONS, LANGS, PRESETS, VARIANTS, runs, unmet_needs
+from research.study.grid import (CORPUS_PRESET, DIRECTIONS, LANGS, PRESET_CORPUS, PRESETS, runs,
+                                 unmet_needs)
 from research.study.training import _terminate_child, train
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # fairscale vs current torch
 logging.getLogger("fairseq").setLevel(logging.WARNING)  # when this process imports fairseq
 log = logger("study")
+GROUP_NAMES = {"trained": "trained", "zero_shot": "zero-shot", "en_x": "en->X", "x_en": "X->en"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m research.study",
                                 description=research.study.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="scale: cpu (default; d=256 3+3 layers, 8 experts, 1,000 updates of "
-                        "4,096 tokens, what results/study holds) or gpu (d=512 6+6 layers, 32 "
-                        "experts, 30,000 updates of 16,384 tokens, --amp; folders study-gpu; "
-                        "not run on a GPU yet)")
+    p.add_argument("--corpus", choices=CORPORA, default="multi30k",
+                   help="multi30k (default: en<->{de,fr,cs} and six zero-shot directions, what "
+                        "results/study holds) or lohelp (work/lohelp, scripts/prepare_lohelp.py: "
+                        "the en<->X directions of its languages, test sets capped by "
+                        "--test-cap; preset lohelp, folders study-lohelp)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="scale: cpu (the default for multi30k; d=256 3+3 layers, 8 experts, "
+                        "1,000 updates of 4,096 tokens, what results/study holds) or gpu (d=512 "
+                        "6+6 layers, 32 experts, 30,000 updates of 16,384 tokens, --amp; folders "
+                        "study-gpu; not run on a GPU yet); lohelp (the default and only preset "
+                        "for --corpus lohelp)")
     p.add_argument("--work", default=None,
                    help="checkpoints, logs and generations (default: work/study, "
-                        "work/study-gpu for --preset gpu)")
+                        "work/study-gpu for --preset gpu, work/study-lohelp for lohelp)")
     p.add_argument("--results", default=None,
-                   help="one JSON per finished run (default: results/study, results/study-gpu)")
+                   help="one JSON per finished run (default: results/study, results/study-gpu, "
+                        "results/study-lohelp)")
     p.add_argument("--img-dir", default=None,
-                   help="routing heatmaps <run>.png (default: docs/img, docs/img/study-gpu)")
+                   help="routing heatmaps <run>.png (default: docs/img, docs/img/study-gpu, "
+                        "docs/img/study-lohelp)")
     p.add_argument("--only", default=None,
                    help="comma-separated variants (all their seeds) or runs, e.g. "
                         "dense,token_target-s2")
     p.add_argument("--list", action="store_true", help="list the runs and their state, then exit")
     p.add_argument("--max-update", type=int, default=None,
                    help="training budget in updates of at most --max-tokens tokens (default: "
-                        "the preset's: 1000 for cpu, 30000 for gpu)")
+                        f"the preset's: 1000 for cpu, 30000 for gpu, "
+                        f"{PRESETS['lohelp']['max_update']} for lohelp)")
     p.add_argument("--save-interval", type=int, default=200,
                    help="save checkpoint_last.pt every N updates (default: %(default)s; a kill "
                         "loses at most that much training)")
     p.add_argument("--train-size", type=int, default=None,
                    help="training lines per direction (default: all 29,000; smaller values are "
                         "for smoke tests and go to their own data folder)")
-    p.add_argument("--directions", default=",".join(DIRECTIONS),
-                   help="directions to evaluate (default: all 12; fewer only for smoke tests)")
+    p.add_argument("--directions", default=None,
+                   help="directions to evaluate (default: all of the corpus's: 12 for "
+                        "multi30k, 28 for lohelp; fewer only for smoke tests)")
+    p.add_argument("--test-cap", type=int, default=TEST_CAP,
+                   help="lohelp: test paragraphs translated per direction, a seeded sample of "
+                        "each pair's test set (default: %(default)s; 0: all). Multi30k's test "
+                        "set is always whole")
+    p.add_argument("--lohelp-dir", default=str(LOHELP_DIR),
+                   help="lohelp: the corpus folder of scripts/prepare_lohelp.py, prepared "
+                        "there when it has no bin/.done (default: work/lohelp, as make lohelp)")
     p.add_argument("--max-len-b", type=int, default=None,
                    help="cap on generated length (fairseq-generate --max-len-b; default: "
                         "fairseq's 200). Only for smoke tests of barely trained models")
@@ -61,6 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--multi30k-dir", default=None,
                    help="raw Multi30k (default: $MULTI30K_DIR, else ../shared/data/multi30k)")
     args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = CORPUS_PRESET[args.corpus]
+    if PRESET_CORPUS[args.preset] != args.corpus:
+        p.error(f"--preset {args.preset} is for --corpus {PRESET_CORPUS[args.preset]}, not "
+                f"{args.corpus}")
+    if args.corpus == "lohelp":
+        if args.train_size is not None or args.multi30k_dir:
+            p.error("--train-size and --multi30k-dir are for --corpus multi30k")
+        args.lohelp_dir = Path(args.lohelp_dir).resolve()
+        args.corpus_spec = lohelp_corpus(args.lohelp_dir, args.test_cap)
+    else:
+        args.corpus_spec = MULTI30K
     preset = PRESETS[args.preset]
     folder = preset["folder"]
     args.work = Path(args.work or REPO / "work" / folder).resolve()
@@ -69,30 +102,36 @@ def parse_args(argv=None):
                                          REPO / "docs" / "img" / folder)).resolve()
     if args.max_update is None:
         args.max_update = preset["max_update"]
-    args.directions = [d for d in args.directions.split(",") if d]
-    bad = [d for d in args.directions if d not in DIRECTIONS]
+    directions = args.corpus_spec.directions
+    args.directions = ([d for d in args.directions.split(",") if d] if args.directions
+                       is not None else list(directions))
+    bad = [d for d in args.directions if d not in directions]
     if bad:
-        p.error(f"unknown direction(s) {bad}; choose from {','.join(DIRECTIONS)}")
-    args.selected = select_runs(p, args.only)
+        p.error(f"unknown direction(s) {bad}; choose from {','.join(directions)}")
+    args.selected = select_runs(p, args.only, args.corpus)
     return args
 
 
-def select_runs(parser, only):
-    all_runs = runs()
+def select_runs(parser, only, corpus="multi30k"):
+    all_runs = runs(corpus)
     if not only:
         return all_runs
     wanted = [w for w in only.split(",") if w]
-    names = {r[0] for r in all_runs}
-    unknown = [w for w in wanted if w not in VARIANTS and w not in names]
+    names, variants = {r[0] for r in all_runs}, {r[1] for r in all_runs}
+    unknown = [w for w in wanted if w not in variants and w not in names]
     if unknown:
         parser.error(f"unknown run(s) {unknown}; see --list")
     return [r for r in all_runs if r[0] in wanted or r[1] in wanted]
 
 
 def prepare_data(args) -> Path:
-    """Multi30k for all 12 directions: training reads only the six trained pairs (--lang-pairs),
-    the zero-shot pairs' binaries are copies of the per-language files (prepare_multi30k's
-    donors), so fairseq-generate finds a test split for every direction."""
+    """The evaluation's data folder (bin/ and text/); args.train_data is the training data.
+    LoHelp: prepare_lohelp (below). Multi30k for all 12 directions: training reads only the six
+    trained pairs (--lang-pairs), the zero-shot pairs' binaries are copies of the per-language
+    files (prepare_multi30k's donors), so fairseq-generate finds a test split for every
+    direction."""
+    if args.corpus == "lohelp":
+        return prepare_lohelp(args)
     name = "multi30k" if args.train_size is None else f"multi30k-n{args.train_size}"
     out = args.work / name
     cmd = [sys.executable, REPO / "scripts" / "prepare_multi30k.py", "--out", out,
@@ -105,6 +144,37 @@ def prepare_data(args) -> Path:
         log(f"prepare data into {out} ...")
         run(cmd)
     args.prepare_command = show(cmd)
+    args.train_data = out / "bin"
+    return out
+
+
+def prepare_lohelp(args) -> Path:
+    """LoHelp: scripts/prepare_lohelp.py when --lohelp-dir has no bin/.done (its own resumable
+    steps), its languages and directions re-read, then the test sets capped at --test-cap per
+    direction (research.study.corpus.build_capped_test) in <work>/lohelp-test<cap>: the
+    evaluation's folder. Training reads <lohelp-dir>/bin itself."""
+    cmd = [sys.executable, REPO / "scripts" / "prepare_lohelp.py", "--work-dir", args.lohelp_dir]
+    if args.lohelp_dir != LOHELP_DIR.resolve():  # keep results/lohelp the default corpus's
+        cmd += ["--results-dir", args.lohelp_dir / "results"]
+    if not (args.lohelp_dir / "bin" / ".done").exists():
+        log(f"prepare LoHelp into {args.lohelp_dir} (about 20 minutes) ...")
+        run(cmd)
+    args.prepare_command = show(cmd)
+    spec = lohelp_corpus(args.lohelp_dir, args.test_cap)  # as built (bin/langs.txt, pairs.txt)
+    if spec.directions != args.corpus_spec.directions or spec.langs != args.corpus_spec.langs:
+        raise SystemExit(f"{args.lohelp_dir}/bin has other languages or directions than "
+                         "expected: run again")
+    args.corpus_spec = spec
+    args.train_data = args.lohelp_dir / "bin"
+    stats = args.lohelp_dir / "stats.json"
+    if stats.exists():
+        args.train_lines = {f"en-{l}": v["train"] for l, v in read_json(stats)["langs"].items()}
+    out = args.work / (f"lohelp-test{args.test_cap}" if args.test_cap else "lohelp-test")
+    if not (out / "bin" / ".done").exists():
+        log(f"test sets capped at {args.test_cap or 'all'} paragraphs per direction into "
+            f"{out} ...")
+    args.test_sentences = build_capped_test(args.train_data, args.lohelp_dir / "text", out,
+                                            spec.trained, args.test_cap)
     return out
 
 
@@ -152,9 +222,13 @@ def main(argv=None):
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     prep = prepare_data(args)
-    args.langid_accuracy = langid_accuracy(prep)
-    log("language detector accuracy on the test references: " + ", ".join(
-        f"{l} {v['on_target']:.1%}" for l, v in args.langid_accuracy.items()))
+    if args.corpus_spec.has_langid:
+        args.langid_accuracy = langid_accuracy(prep)
+        log("language detector accuracy on the test references: " + ", ".join(
+            f"{l} {v['on_target']:.1%}" for l, v in args.langid_accuracy.items()))
+    else:
+        args.langid_accuracy = None
+        log("no off-target rates: the language detector covers only en, de, fr and cs")
     failed, n = [], len(args.selected)
     for i, (name, variant, seed) in enumerate(args.selected, 1):
         prefix = f"run {i}/{n} {name}"
@@ -174,7 +248,7 @@ def main(argv=None):
         run_dir = args.work / "runs" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            train_cmd = train(args, prep / "bin", run_dir, variant, seed, prefix)
+            train_cmd = train(args, args.train_data, run_dir, variant, seed, prefix)
             log(f"{prefix}: evaluate ...")
             out = evaluate(args, prep, name, variant, seed, run_dir, train_cmd)
         except (RuntimeError, SystemExit) as err:
@@ -187,8 +261,11 @@ def main(argv=None):
         avg = out["averages"]
         shown = {k: "- (directions subset)" if avg[k]["bleu"] is None else avg[k]["bleu"]
                  for k in avg}
-        log(f"{prefix}: done: trained avg BLEU {shown['trained']}, zero-shot avg BLEU "
-            f"{shown['zero_shot']}; training {hms(out['wall_seconds']['training'])}, "
+        groups = ("trained", "zero_shot") if args.corpus == "multi30k" else \
+            ("trained", "en_x", "x_en")
+        log(f"{prefix}: done: " + ", ".join(f"{GROUP_NAMES[g]} avg BLEU {shown[g]}"
+                                            for g in groups)
+            + f"; training {hms(out['wall_seconds']['training'])}, "
             f"evaluation {hms(out['wall_seconds']['evaluation'])}; wrote "
             f"{args.results / (name + '.json')}")
     if failed:

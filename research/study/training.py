@@ -46,8 +46,9 @@ def train(args, data: Path, run_dir: Path, variant: str, seed: int, prefix: str)
     global _CHILD
     save_dir = run_dir / "checkpoints"
     done = run_dir / "train.done.json"
+    corpus = args.corpus_spec
     cmd = train_command(data, variant, seed, save_dir, args.max_update, args.save_interval,
-                        args.preset)
+                        args.preset, corpus.langs, corpus.trained)
     if done.exists() and read_json(done).get("max_update") == args.max_update:
         return cmd
     save_dir.mkdir(parents=True, exist_ok=True)

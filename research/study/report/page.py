@@ -6,7 +6,9 @@ from pathlib import Path
 import research.study.report
 from fairseq_taskmoe.atomic import atomic_file
 from research.common import REPO
+from research.study.corpus import CORPORA
 from research.study.grid import runs
+from research.study.report import many
 from research.study.report.distillation import section_distillation
 from research.study.report.reading import section_reading
 from research.study.report.sections import (section_balance, section_commands,
@@ -46,12 +48,25 @@ def render(results, out_dir: Path) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m research.study.report",
                                 description=research.study.report.__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(REPO / "results" / "study"))
-    p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--corpus", choices=CORPORA, default="multi30k",
+                   help="multi30k (default: results/study -> docs/results.md) or lohelp "
+                        "(results/study-lohelp -> docs/results-many.md)")
+    p.add_argument("--results", default=None,
+                   help="the runs' JSONs (default: results/study, or results/study-lohelp)")
+    p.add_argument("--out", default=None,
+                   help="the page (default: docs/results.md, or docs/results-many.md)")
     args = p.parse_args(argv)
+    lohelp = args.corpus == "lohelp"
+    args.results = args.results or str(REPO / "results" / ("study-lohelp" if lohelp else "study"))
+    args.out = args.out or str(REPO / "docs" / ("results-many.md" if lohelp else "results.md"))
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(Path(args.results))
+    if lohelp:
+        with atomic_file(str(out), "w") as f:
+            f.write(many.render(results, out.parent))
+        print(f"wrote {out} ({len(results)} of {len(runs('lohelp'))} LoHelp runs finished)")
+        return 0
     with atomic_file(str(out), "w") as f:
         f.write(render(results, out.parent))
     done = sum(r["variant"] not in DISTILLED for r in results.values())
