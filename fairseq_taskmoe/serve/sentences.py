@@ -17,7 +17,7 @@ from typing import List, Sequence
 
 from sentencex import segment as _segment
 
-_HAS_WORD = re.compile(r"\w")
+HAS_WORD = re.compile(r"\w")  # text without a word character is copied, not translated
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def split(text: str, lang: str) -> Segmented:
     parts = []
     for piece in _segment(lang, text) if text else ():
         core = piece.strip()
-        if not core or not _HAS_WORD.search(core):
+        if not core or not HAS_WORD.search(core):
             parts.append(("gap", piece))
             continue
         start = piece.index(core)
@@ -60,6 +60,6 @@ def split(text: str, lang: str) -> Segmented:
         lead = text[: len(text) - len(text.lstrip())]
         trail = text[len(lead) + len(core):]
         parts = [p for p in (("gap", lead), ("sentence", core), ("gap", trail)) if p[1]]
-        if not _HAS_WORD.search(core):
+        if not HAS_WORD.search(core):
             parts = [("gap", text)]
     return Segmented(tuple(parts))

@@ -15,7 +15,7 @@ import html
 import re
 from typing import List, Tuple
 
-_HAS_WORD = re.compile(r"\w")
+from .sentences import HAS_WORD  # what is worth translating: the one rule
 
 
 class TooLong(ValueError):
@@ -155,7 +155,7 @@ def html_texts(parts: List[Tuple[str, str]]) -> List[str]:
     """The texts to translate, in order: each text fragment with a word character in it, its
     entities decoded, without the whitespace around it."""
     texts = (_text_of(raw) for kind, raw in parts if kind == "text")
-    return [t for t in texts if _HAS_WORD.search(t)]
+    return [t for t in texts if HAS_WORD.search(t)]
 
 
 def html_rebuild(parts: List[Tuple[str, str]], translations: List[str]) -> str:
@@ -164,7 +164,7 @@ def html_rebuild(parts: List[Tuple[str, str]], translations: List[str]) -> str:
     out, it = [], iter(translations)
     for kind, raw in parts:
         text = _text_of(raw) if kind == "text" else ""
-        if not _HAS_WORD.search(text):
+        if not HAS_WORD.search(text):
             out.append(raw)
             continue
         new = next(it)
