@@ -774,7 +774,8 @@ def test_a_full_queue_answers_503_with_retry_after_over_http(trained, tiny_data,
 
     monkeypatch.setattr(engines.CT2Engine, "translate", held)
     with serving(base_args(trained, tiny_data, cache_dir, "--quantization", "float32",
-                           "--max-queue", "1", "--max-wait-ms", "0")) as (url, service):
+                           "--max-queue", "1", "--max-wait-ms", "0", "--threads", "1")) as (
+            url, service):  # one engine thread: the second request must wait
         body = {"q": "e1 e2", "source": "en", "target": "de"}
         answers = {}
 

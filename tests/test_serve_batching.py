@@ -97,6 +97,123 @@ def test_a_cancelled_job_stops_between_chunks():
     batcher.close()
 
 
+class GatedEngine:
+    """Records each call and how many run at once; every call waits for `release` (a call
+    whose first text is in `gates`, for that event instead)."""
+
+    def __init__(self, gates=None):
+        self.calls, self.running, self.most = [], 0, 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.gates = gates or {}
+
+    def group_key(self, src, tgt):
+        return tgt
+
+    def translate(self, texts, src, tgt, beam, nbest=1):
+        with self.lock:
+            self.calls.append(list(texts))
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.gates.get(texts[0], self.release).wait(10)
+            return [[f"<{t}>"] for t in texts]
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+class ShapedRegistry(FakeRegistry):
+    """A registry whose engines run `shapes[key]` = (calls at once, threads per call)."""
+
+    def __init__(self, engine, shapes):
+        super().__init__(engine)
+        self.shapes = shapes
+
+    def call_shape(self, key):
+        return self.shapes[key]
+
+
+def wait_for(condition, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_an_idle_engine_starts_a_request_at_once_and_arrivals_share_the_next_call():
+    """Continuous batching (issue 30 item 1): the default waits for nothing."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = RecordingEngine(hold_first=True)
+    batcher = Batcher(FakeRegistry(engine))  # the defaults: no extra wait
+    first = batcher.submit("k", job(["a"]))
+    assert engine.entered.wait(5)  # alone, at once: nobody else was waiting
+    later = [batcher.submit("k", job([f"b{i}"])) for i in range(3)]
+    engine.release.set()
+    assert first.result(5) == [["<a>"]]
+    assert [f.result(5) for f in later] == [[[f"<b{i}>"]] for i in range(3)]
+    assert engine.calls == [["a"], ["b0", "b1", "b2"]]  # those that came meanwhile: one call
+    batcher.close()
+
+
+def test_a_hot_pair_runs_calls_side_by_side_within_the_thread_budget():
+    """Issue 30 item 2: a sub-network whose engine runs two calls at once uses both threads;
+    two busy sub-networks never run more than the budget together."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = GatedEngine()
+    batcher = Batcher(ShapedRegistry(engine, {"de": (2, 1), "fr": (2, 1)}), threads=2)
+    futures = [batcher.submit("de", job(["a"]))]
+    wait_for(lambda: engine.running == 1)
+    futures.append(batcher.submit("de", job(["b"])))  # the second thread takes it at once
+    wait_for(lambda: engine.running == 2)
+    assert batcher.busy_threads() == 2
+    futures += [batcher.submit(k, job([f"{k}{i}"])) for i in range(3) for k in ("fr", "de")]
+    time.sleep(0.2)
+    assert engine.running == 2  # the others wait for a thread
+    engine.release.set()
+    assert [f.result(5)[0][0][1:-1] for f in futures] == ["a", "b"] + [
+        f"{k}{i}" for i in range(3) for k in ("fr", "de")]
+    assert engine.most == 2
+    assert batcher.busy_threads() == 0
+    batcher.close()
+
+
+def test_idle_workers_share_what_waits_and_a_whole_budget_call_runs_alone():
+    """When two threads come free together, the waiting sentences go to two calls side by
+    side, not one; a call that takes every thread (fairseq: one call on all of torch's
+    threads) runs alone."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = GatedEngine({"x": threading.Event()})
+    batcher = Batcher(ShapedRegistry(engine, {"de": (2, 1), "all": (1, 2)}), threads=2)
+    whole = batcher.submit("all", job(["x"]))  # holds both threads until released
+    wait_for(lambda: engine.running == 1)
+    waiting = [batcher.submit("de", job([f"d{i}"])) for i in range(8)]
+    time.sleep(0.2)
+    assert engine.running == 1 and len(engine.calls) == 1  # no thread was free
+    engine.gates["x"].set()
+    assert whole.result(5) == [["<x>"]]
+    wait_for(lambda: engine.running == 2)  # both de calls run, held
+    assert sorted(len(c) for c in engine.calls[1:]) == [4, 4]  # shared out, side by side
+    engine.release.set()
+    assert [f.result(5) for f in waiting] == [[[f"<d{i}>"]] for i in range(8)]
+    assert len(engine.calls) == 3
+    batcher.close()
+
+
+def test_a_budget_larger_than_an_engine_takes_is_capped_by_the_engine():
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    batcher = Batcher(ShapedRegistry(None, {"ct2": (4, 1), "fairseq": (1, 4)}), threads=2)
+    assert batcher.call_shape("ct2") == (2, 1)  # two calls of one thread, not four
+    assert batcher.call_shape("fairseq") == (1, 2)  # at most the whole budget
+    assert Batcher(FakeRegistry(None)).call_shape("k") == (1, 1)
+    with pytest.raises(ValueError, match="threads"):
+        Batcher(FakeRegistry(None), threads=0)
+
+
 def test_a_submit_wakes_only_the_worker_of_its_sub_network():
     from fairseq_taskmoe.serve import batcher as batching
 
@@ -333,3 +450,22 @@ def test_alternatives_never_widen_the_beam(trained_tiny, tiny_data, tmp_path):
                                         "--quantization", "float32"))
     assert service.limits.alternatives_limit == 1  # --alternatives-limit 3 > beam - 1
     service.batcher.close()
+
+
+def test_detect_covers_every_language_of_a_many_language_model():
+    """/detect's answer for a model beyond en/de/fr/cs (the LoHelp model's scripts): py3langid
+    restricted to the model's languages, best first; the stop-word votes stay for en/de/fr/cs."""
+    pytest.importorskip("py3langid")
+    many = service_on(RecordingEngine(), facts(langs=("en", "de", "ru", "ja", "el"),
+                                               trained=("en-de", "en-ru", "en-ja", "en-el")))
+    assert many.detector.method == "py3langid"
+    for text, lang in [("Выберите ячейку и нажмите клавишу Enter.", "ru"),
+                       ("セルを選択して Enter キーを押します。", "ja"),
+                       ("Επιλέξτε το κελί και πατήστε Enter.", "el"),
+                       ("Wählen Sie die Zelle aus und drücken Sie die Eingabetaste.", "de")]:
+        found = many.detect(text)
+        assert found[0]["language"] == lang, (text, found)
+        assert {d["language"] for d in found} <= {"en", "de", "ru", "ja", "el"}
+        assert 0 < found[-1]["confidence"] <= found[0]["confidence"] <= 100
+    assert many.detect("12 + 34 = 46") == []  # no letter, no evidence
+    assert service_on(RecordingEngine()).detector.method == "stop-words"

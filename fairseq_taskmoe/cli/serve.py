@@ -14,10 +14,10 @@ import logging
 import os
 import signal
 import sys
+from typing import Dict, List
 
 from ..cli.export import QUANTIZATIONS
 
-log = logging.getLogger("taskmoe.serve")
 # A request's worst case at these limits is a few seconds of engine time on a CPU: 20,000
 # characters are about 150-250 sentences (LibreTranslate leaves both unlimited by default, which
 # lets one request hold a pair for minutes). Raise them for batch clients you trust.
@@ -69,16 +69,24 @@ def build_parser():
                    help="source tokens per engine call: requests are batched together up to it, "
                    "and a larger request is translated in chunks of it, other requests' "
                    "sentences taking turns with it")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="how long a request may wait for others to share its batch")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="extra time a request may wait for others to share its engine call "
+                   "(default 0: batching is continuous, a request starts at once when its "
+                   "sub-network has a thread free, and those that arrive meanwhile share the "
+                   "next call)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="request legs waiting at most; beyond it 503 with Retry-After; under "
-                   "--engine ray, also the requests the ingress takes at once (/health and "
-                   "/metrics aside)")
+                   "--engine ray, per replica, and also the requests a replica takes at once "
+                   "(/health and /metrics aside)")
     p.add_argument("--no-cross-batching", action="store_true",
                    help="one request per engine call (for comparisons)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--threads", type=int, default=1, help="threads per engine call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="engine threads of the whole server (default: the cores this process "
+                   "may use): CTranslate2 runs up to this many calls at once, one thread each, "
+                   "so one busy pair uses every core and many busy pairs share them; fairseq "
+                   "runs one call on this many torch threads. Under --engine ray: per replica "
+                   "(default: the cores / --replicas), each replica reserving as many CPUs")
     p.add_argument("--beam", type=int, default=4, help="beam size")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     scale = p.add_argument_group("scale-out on Ray Serve (needs the `ray` extra: pip install "
@@ -89,18 +97,14 @@ def build_parser():
     scale.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster to join (auto: "
                        "the one `ray start` runs on this machine; HOST:6379); default: start a "
                        "local one")
-    scale.add_argument("--replicas", type=int, default=1, help="Translator replicas (one "
-                       "engine thread each, --threads)")
+    scale.add_argument("--replicas", type=int, default=1, help="Translator replicas, each "
+                       "serving the whole API with --threads engine threads (and as many CPUs "
+                       "reserved on the cluster)")
     scale.add_argument("--pairs-per-replica", type=int, default=3, metavar="K",
                        help="sub-networks one replica keeps loaded (least recently used evicted); "
-                       "replaces --memory-budget under --engine ray")
-    scale.add_argument("--max-ongoing", type=int, default=8, metavar="N",
-                       help="legs one replica takes at once (a request has one per leg of its "
-                       "route; a pivot has two); they form the replica's batches: a batch takes "
-                       "up to N legs, one batch at a time (Ray Serve's max_ongoing_requests = "
-                       "max_batch_size = N), translated in engine calls of at most "
-                       "--max-batch-tokens source tokens; when every replica holding a pair's "
-                       "sub-network is that busy, the pair spreads to another replica")
+                       "a replica translates a leg itself when it holds the leg's sub-network "
+                       "or has room for it, else hands it to a replica that holds it; replaces "
+                       "--memory-budget under --engine ray")
     return p
 
 
@@ -110,89 +114,14 @@ def _fail(message: str):
 
 
 def make_service(args):
-    """Parse and check everything, build (or find in the cache) the sub-networks; exits 2 with a
-    message on bad input."""
-    from ..deploy.pruning import PruningError
-    from ..distributed.checkpoints import CheckpointError
-    from ..serve.keys import KeyGuard, load_keys
-    from ..serve.metrics import Metrics
-    from ..serve.registry import Registry, parse_size
-    from ..serve.routes import RouteError, legs_needed, parse_pairs_option, plan_routes
-    from ..serve.service import ServeLimits, Service
+    """serve.factory.make_service; an option or input that cannot be served ends the command
+    with its message, exit status 2."""
+    from ..serve.factory import ConfigError, make_service as build
 
-    if not os.path.isdir(args.data):
-        _fail(f"--data {args.data} is not a folder")
-    if args.spm_model and not os.path.isfile(args.spm_model):
-        _fail(f"--spm-model {args.spm_model} does not exist")
-    for name in ("char_limit", "batch_limit", "max_batch_tokens", "max_queue", "threads", "beam"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.alternatives_limit < 0 or args.max_wait_ms < 0 or args.timeout <= 0:
-        _fail("--alternatives-limit and --max-wait-ms must be >= 0, --timeout > 0")
-    engine = getattr(args, "engine", "embedded")
-    if engine == "ray":
-        if args.replicas < 1 or args.pairs_per_replica < 1 or args.max_ongoing < 1:
-            _fail("--replicas, --pairs-per-replica and --max-ongoing must be >= 1")
-        if args.memory_budget:
-            _fail("--memory-budget is for the embedded engine; under --engine ray each replica "
-                  "keeps --pairs-per-replica sub-networks")
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            _fail("--engine ray needs Ray Serve: pip install 'ray[serve]' (or the package's "
-                  "`ray` extra)")
-    elif getattr(args, "ray_address", None):
-        _fail("--ray-address needs --engine ray")
     try:
-        budget = parse_size(args.memory_budget) if args.memory_budget else None
-        body_limit = parse_size(args.body_limit)
-    except ValueError as err:
+        return build(args)
+    except ConfigError as err:
         _fail(str(err))
-    try:
-        keys = KeyGuard(load_keys(args.api_keys)) if args.api_keys else KeyGuard()
-    except (OSError, ValueError) as err:
-        _fail(f"--api-keys: {err}")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    try:
-        registry = Registry(args.checkpoint, args.data, args.spm_model, backend=args.backend,
-                            quantization=args.quantization, cache_dir=args.cache_dir,
-                            memory_budget=budget, threads=args.threads, metrics=Metrics(),
-                            load_timeout=args.timeout)
-        allowed = parse_pairs_option(args.pairs, registry.facts.langs)
-        routes = plan_routes(registry.facts, args.pivot, allowed)
-    except (FileNotFoundError, CheckpointError, PruningError, RouteError) as err:
-        _fail(str(err))
-    if registry.backend != args.backend or args.backend == "fairseq":
-        log.info("%s", registry.backend_note)
-    if registry.facts.trained is None:
-        log.warning("the checkpoint records no trained pairs: every pair is served as direct")
-    served = [r for r in routes.values() if r.available]
-    if not served:
-        _fail("no pair can be served: " + "; ".join(sorted({r.why for r in routes.values()})))
-    for route in routes.values():
-        via = f" via {route.via}" if route.via else ""
-        log.info("route %s-%s: %s%s%s", route.src, route.tgt, route.kind, via,
-                 f" ({route.why})" if route.why else "")
-    try:
-        registry.prepare(legs_needed(routes))
-    except (ValueError, PruningError) as err:
-        _fail(str(err))
-    if args.alternatives_limit > args.beam - 1:
-        log.warning("--alternatives-limit %d lowered to %d (--beam %d - 1): more alternatives "
-                    "would need a wider beam, which changes the translation itself",
-                    args.alternatives_limit, args.beam - 1, args.beam)
-    limits = ServeLimits(char_limit=args.char_limit, batch_limit=args.batch_limit,
-                         alternatives_limit=min(args.alternatives_limit, args.beam - 1),
-                         body_limit=body_limit,
-                         timeout=args.timeout, beam=args.beam)
-    service = Service.build(registry, limits, args.pivot, allowed, args.spm_model,
-                            max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                            max_queue=args.max_queue, cross_request=not args.no_cross_batching,
-                            load_timeout=args.timeout)
-    return service, keys
 
 
 def _exit_0(signum, frame):
@@ -226,6 +155,33 @@ def main(argv=None):
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, timeout_graceful_shutdown=max(30, int(args.timeout) + 5))
     return 0
+
+
+def builder_argv(options: Dict[str, object]) -> List[str]:
+    """{"checkpoint": C, "data": D, "replicas": 2, "no_cross_batching": "true"} ->
+    taskmoe-serve's argv (true/false options are flags)."""
+    options = dict(options)
+    argv = [str(options.pop("checkpoint"))]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            argv += [flag] if str(value).lower() == "true" else []
+        else:
+            argv += [flag, str(value)]
+    return argv + ["--engine", "ray"]
+
+
+def app_builder(options: Dict[str, object]):
+    """For `serve run fairseq_taskmoe.cli.serve:app_builder checkpoint=C data=D ...` and
+    KubeRay's RayService (`import_path` and `args` in serveConfigV2): the options are
+    taskmoe-serve's flags, without dashes. Builds the sub-network cache first, as taskmoe-serve's
+    start-up does (Serve's own HTTP options replace --host / --port)."""
+    args = build_parser().parse_args(builder_argv(options))
+    service, _ = make_service(args)
+    service.batcher.close()
+    from ..serve.ray_engine import application
+
+    return application(args)
 
 
 def cli():

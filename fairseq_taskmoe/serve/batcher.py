@@ -1,10 +1,20 @@
-"""Cross-request batching: one queue and one worker thread per sub-network, engine calls bounded
-by `max_batch_tokens`.
+"""Cross-request batching: one queue per sub-network, engine calls bounded by `max_batch_tokens`,
+and a process-wide budget of engine threads (`threads`).
 
-A job is one request's sentences for one leg. A worker waits for its queue to be non-empty (and,
-with `max_wait_ms` > 0, up to that long for more requests to share the call), then fills ONE
-engine call with sentences taken from the jobs in arrival order until `max_batch_tokens` source
-tokens are in it. A job larger than that is translated over several calls: after each of its
+A job is one request's sentences for one leg. Batching is continuous: a worker whose engine is
+idle takes what is waiting at once (one request alone when only one is there, never waiting for
+others to come), and the requests that arrive while its call runs form its next call
+(`max_wait_ms` > 0 adds an optional wait for more requests to share a call). A call takes
+sentences from the jobs in arrival order until `max_batch_tokens` source tokens are in it.
+
+Engine threads: the registry says how many calls one engine can run at once and how many
+threads each takes (`Registry.call_shape`: CTranslate2 runs `threads` calls of one thread each,
+its inter_threads; fairseq one call of `threads` torch threads). A sub-network gets that many
+workers, and a worker starts a call only when the budget has the call's threads free, so a hot
+pair uses every core while the others are quiet, and many busy pairs never run more than
+`threads` engine threads together. When other workers of the same sub-network are idle and
+threads are free, the waiting sentences are shared out among them (two calls of 32 on two cores
+instead of one of 64 on one). A job larger than that is translated over several calls: after each of its
 chunks it waits behind every job that has not had a turn yet, so a one-sentence request that
 arrives meanwhile is in the very next call instead of waiting for the whole large job (new jobs
 first, then round robin between the large ones). A job's
@@ -14,7 +24,7 @@ options differ (beam, n-best) or whose input differs in more than the text (`--e
 src`) go in separate calls of the same round.
 
 Threads, not processes: CTranslate2 is not fork-safe, and both engines release the GIL in their
-kernels. Each queue has its own condition (on one shared lock), so a submit wakes only the
+kernels. Each queue has its own condition (on one shared lock), so a submit wakes only a
 worker of its sub-network. The queue is bounded in total (`max_queue` jobs not finished): beyond
 it `submit` raises QueueFull and the caller answers 503 with Retry-After. A job whose future was
 cancelled (its request timed out, or its client went away) is dropped before its next chunk.
@@ -64,6 +74,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
+        self._lock = threading.Lock()  # two workers may answer chunks of one job at once
         if len(self.sizes) != len(self.texts):
             raise ValueError(f"{len(self.sizes)} sizes for {len(self.texts)} texts")
         # longest first: a chunk takes inputs of similar length
@@ -75,6 +86,11 @@ class Job:
     @property
     def tokens(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def tokens_left(self) -> int:
+        """Source tokens of the inputs not yet taken into an engine call."""
+        return sum(self.sizes[i] for i in self._order[self._next:])
 
     @property
     def left(self) -> int:
@@ -99,9 +115,11 @@ class Job:
         return taken
 
     def _answer(self, i: int, hyps: list):
-        self._answers[i] = hyps
-        self._missing -= 1
-        if self._missing == 0:
+        with self._lock:
+            self._answers[i] = hyps
+            self._missing -= 1
+            done = self._missing == 0
+        if done:
             _settle(self.future, result=self._answers)
 
 
@@ -144,25 +162,45 @@ class _Queue:
 
 
 class Batcher:
-    def __init__(self, registry, max_batch_tokens: int = 4096, max_wait_ms: float = 10.0,
+    def __init__(self, registry, max_batch_tokens: int = 4096, max_wait_ms: float = 0.0,
                  max_queue: int = 256, metrics=None, cross_request: bool = True,
-                 load_timeout: float = 60.0):
+                 load_timeout: float = 60.0, threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, not {threads}")
         self.registry, self.metrics = registry, metrics
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.cross_request = cross_request  # False: one request per engine call (benchmarks)
         self.load_timeout = load_timeout  # for a job without a deadline
+        self.threads = threads  # engine threads of all sub-networks together
         self._lock = threading.Lock()
         self._conds: Dict[str, threading.Condition] = {}
         self._queues: Dict[str, _Queue] = {}
-        self._workers: Dict[str, threading.Thread] = {}
+        self._workers: Dict[str, List[threading.Thread]] = {}
+        self._shapes: Dict[str, Tuple[int, int]] = {}
+        self._idle: Dict[str, int] = {}  # workers of a sub-network waiting for work
+        self._free = threads  # engine threads not in a call
         self._pending = 0  # jobs accepted and not yet taken whole
         self._closing = False
 
     def pending(self) -> int:
         with self._lock:
             return self._pending
+
+    def busy_threads(self) -> int:
+        """Engine threads in a call now."""
+        with self._lock:
+            return self.threads - self._free
+
+    def call_shape(self, key: str) -> Tuple[int, int]:
+        """(workers, threads per call) of `key`: what its engine can run at once
+        (`registry.call_shape`; one call of one thread for a registry that does not say),
+        within the budget."""
+        shape = getattr(self.registry, "call_shape", None)
+        calls, cost = shape(key) if shape else (1, 1)
+        cost = max(1, min(cost, self.threads))
+        return max(1, min(calls, self.threads // cost)), cost
 
     def submit(self, key: str, job: Job) -> Future:
         with self._lock:
@@ -176,60 +214,95 @@ class Batcher:
                 return job.future
             cond = self._conds.get(key)
             if cond is None:
-                cond = self._conds[key] = self._condition(key)
-                self._queues[key] = _Queue()
-                worker = threading.Thread(target=self._run, args=(key,), daemon=True,
-                                          name=f"batcher-{key}")
-                self._workers[key] = worker
-                worker.start()
+                cond = self._start(key)
             self._queues[key].fresh.append(job)
             self._pending += 1
             self._gauge()
             cond.notify()
         return job.future
 
+    def _start(self, key: str) -> threading.Condition:
+        """The queue and workers of a sub-network, at its first job (under the lock)."""
+        cond = self._conds[key] = self._condition(key)
+        self._queues[key] = _Queue()
+        self._idle[key] = 0
+        workers, cost = self._shapes[key] = self.call_shape(key)
+        self._workers[key] = []
+        for n in range(workers):
+            worker = threading.Thread(target=self._run, args=(key, cost), daemon=True,
+                                      name=f"batcher-{key}-{n}")
+            self._workers[key].append(worker)
+            worker.start()
+        return cond
+
     def _condition(self, key: str) -> threading.Condition:
-        """The condition the worker of `key` waits on (its own, on the shared lock)."""
+        """The condition the workers of `key` wait on (their own, on the shared lock)."""
         return threading.Condition(self._lock)
 
     def _gauge(self):
         if self.metrics:
             self.metrics.queue_depth.set(self._pending)
 
-    def _take(self, key: str) -> Optional[List[Chunk]]:
-        """Block until a call for `key` is due and fill it; None when closing with nothing
-        left."""
+    def _take(self, key: str, cost: int) -> Optional[List[Chunk]]:
+        """Block until `key` has work and the budget `cost` free threads, take them and fill
+        a call; None when closing with nothing left."""
         queue, cond = self._queues[key], self._conds[key]
         with cond:
-            while True:
-                self._drop_over(queue)
-                if queue:
-                    break
-                if self._closing:
-                    return None
-                cond.wait()
+            self._idle[key] += 1
+            try:
+                while True:
+                    self._drop_over(queue)
+                    if queue and self._free >= cost:
+                        break
+                    if not queue and self._closing:
+                        return None
+                    cond.wait()
+            finally:
+                self._idle[key] -= 1
+            self._free -= cost
             if self.cross_request and self.max_wait > 0:
                 deadline = queue.first().enqueued + self.max_wait
-                while (sum(j.tokens for j in queue) < self.max_batch_tokens
+                while (sum(j.tokens_left for j in queue) < self.max_batch_tokens
                        and not self._closing):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     cond.wait(timeout=left)
                 self._drop_over(queue)
-            return self._fill(queue)
+            chunks = self._fill(queue, self._share(queue, key, cost))
+            if not chunks:
+                self._release(cost)
+            elif queue and self._free >= cost:
+                cond.notify()  # an idle worker of `key` takes the rest side by side
+            return chunks
 
-    def _fill(self, queue: _Queue, retire=None) -> List[Chunk]:
-        """One engine call's chunks, taken from `queue` in order: at most `max_batch_tokens`
-        source tokens (one input at least); a job with inputs left goes to the back of the
-        started ones."""
-        retire = retire or self._retire
+    def _share(self, queue: _Queue, key: str, cost: int) -> int:
+        """Source tokens this call may take: `max_batch_tokens`, or when other workers of
+        `key` are idle and the budget lets them start too, an even share of what waits, so
+        that the calls run side by side (under the lock)."""
+        helpers = min(self._idle[key], self._free // cost) if self.cross_request else 0
+        if helpers == 0:
+            return self.max_batch_tokens
+        waiting = sum(j.tokens_left for j in queue)
+        return max(1, min(self.max_batch_tokens, -(-waiting // (helpers + 1))))
+
+    def _release(self, cost: int):
+        """A call's threads go back to the budget; a worker of every sub-network with work
+        waiting may start (under the lock)."""
+        self._free += cost
+        for key, queue in self._queues.items():
+            if queue:
+                self._conds[key].notify()
+
+    def _fill(self, queue: _Queue, budget: int) -> List[Chunk]:
+        """One engine call's chunks, taken from `queue` in order: at most `budget` source
+        tokens (one input at least); a job with inputs left goes to the back of the started
+        ones."""
         chunks: List[Chunk] = []
-        budget = self.max_batch_tokens
         while queue:
             job = queue.first()
             if job.over:
-                retire(queue.pop_first())
+                self._retire(queue.pop_first())
                 continue
             taken = job._take(budget, force=not chunks)
             if not taken:
@@ -240,17 +313,10 @@ class Batcher:
             if job.left:
                 queue.started.append(job)  # the rest after the others: round robin
             else:
-                retire(job)
+                self._retire(job)
             if not self.cross_request or budget <= 0:
                 break
         return chunks
-
-    def run(self, key: str, jobs: List[Job]):
-        """Translate `jobs` now, in this thread, in calls of at most `max_batch_tokens` (no
-        queue, no worker): the batches Ray Serve forms on a replica (ray_engine.py)."""
-        queue = _Queue(jobs)
-        while queue:
-            self._translate(key, self._fill(queue, retire=lambda job: None))
 
     def _drop_over(self, queue: _Queue):
         """Forget jobs nobody waits for any more (cancelled, or failed in an earlier call)."""
@@ -263,13 +329,17 @@ class Batcher:
         self._pending -= 1
         self._gauge()
 
-    def _run(self, key: str):
+    def _run(self, key: str, cost: int):
         while True:
-            chunks = self._take(key)
+            chunks = self._take(key, cost)
             if chunks is None:
                 return
             if chunks:
-                self._translate(key, chunks)
+                try:
+                    self._translate(key, chunks)
+                finally:
+                    with self._lock:
+                        self._release(cost)
 
     def _translate(self, key: str, chunks: List[Chunk]):
         deadlines = [job.deadline for job, _ in chunks if job.deadline is not None]
@@ -315,7 +385,7 @@ class Batcher:
             self._closing = True
             for cond in self._conds.values():
                 cond.notify_all()
-            workers = list(self._workers.values())
+            workers = [w for ws in self._workers.values() for w in ws]
         end = time.monotonic() + timeout
         for worker in workers:
             worker.join(timeout=max(0.0, end - time.monotonic()))

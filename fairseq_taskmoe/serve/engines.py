@@ -32,7 +32,9 @@ def output_bound(longest_source: int, max_positions: int) -> int:
 
 
 class CT2Engine:
-    """A CTranslate2 export. Threads, not processes: CTranslate2 is not fork-safe.
+    """A CTranslate2 export. Threads, not processes: CTranslate2 is not fork-safe. It runs up
+    to `calls` translate calls at once from different threads (CTranslate2's inter_threads;
+    the weights are shared), each on one thread.
 
     The language tokens are those of the pair asked (`CT2Translator.tokens`), so an export that
     serves several pairs (`*-de`; `*-*`, a model without task-routed layers, exported once)
@@ -41,11 +43,14 @@ class CT2Engine:
 
     backend = "ctranslate2"
 
-    def __init__(self, model_dir: str, threads: int = 1, max_source_positions: int = 1024,
+    def __init__(self, model_dir: str, calls: int = 1, max_source_positions: int = 1024,
                  max_target_positions: int = 1024):
         from ..ct2 import CT2Translator
 
-        self.mt = CT2Translator(model_dir, intra_threads=threads)
+        # `calls` engine calls at once (inter_threads), one thread each: the batcher's budget
+        # decides how many run, so threads are never over-subscribed (intra_threads=0 would
+        # be OMP_NUM_THREADS or 4 per call)
+        self.mt = CT2Translator(model_dir, intra_threads=1, inter_threads=calls)
         self.max_positions = max_target_positions  # what output_bound bounds: the decoder's
         self.max_input_tokens = max_source_positions - 2  # language token and </s>
 
@@ -73,7 +78,8 @@ class FairseqEngine:
     project's hub interface. fairseq's multilingual task is built for one direction (it loads
     the dictionaries and language tokens of --source-lang / --target-lang), so each direction
     gets its own task and hub interface around the SAME loaded model: one copy of the weights
-    serves every pair of the sub-network (`*-de`: en-de and fr-de)."""
+    serves every pair of the sub-network (`*-de`: en-de and fr-de). One call at a time, on
+    torch's threads (the server sets them to --threads)."""
 
     backend = "fairseq"
 

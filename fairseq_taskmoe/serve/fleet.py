@@ -1,15 +1,15 @@
 """The metrics of several replica processes as one `/metrics` (taskmoe-serve --engine ray).
 
-Under Ray Serve the HTTP process (the ingress) counts requests and their latency, while the
-sub-networks are loaded, evicted and batched in the replica processes, each with its own
-`Metrics` (metrics.py). When the ingress scrapes (before `/metrics`, `/health` and `/pairs`:
-it asks every replica, `DeploymentHandle.broadcast`, each with its own short timeout), a
-replica answers with a `snapshot` of its metrics; `Fleet` keeps the latest snapshot of each
-replica and is registered in the ingress's CollectorRegistry in place of the families that
-replicas own, which it yields summed over the replicas.
+Under Ray Serve every Translator replica is a whole server (ray_engine.py): it answers HTTP
+requests, loads, evicts and batches, and counts all of it in its own `Metrics` (metrics.py).
+Whichever replica Ray's proxy gives a `/metrics`, `/health` or `/pairs` to scrapes first: it
+asks every replica, itself included (`DeploymentHandle.broadcast`, each with its own short
+timeout), and each answers with a `snapshot` of its metrics. `Fleet` keeps the latest snapshot
+of each replica and renders every family summed over the replicas, so that any replica
+answers for the whole service.
 
 A replica that did not answer the last scrape is *silent* (hung, or dead): its gauges, the
-sub-networks it holds and its legs in progress stop counting, its counters and histograms keep
+sub-networks it holds and its legs waiting stop counting, its counters and histograms keep
 counting (totals never go back). A replica is *gone* when a scrape that every replica Ray
 routes to answered did not include it (Ray never restarts a replica: it starts a new one with
 another name); `forget_after` seconds later its entry is dropped and its counters and histograms
@@ -23,13 +23,11 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from .metrics import Metrics, resident_bytes
+from .metrics import Metrics
 
-# Metrics attribute -> what the replicas own (the ingress unregisters its own copy of these)
-REPLICA_OWNED = ("batch_size", "batch_requests", "loaded", "loaded_bytes", "loads", "evictions",
-                 "load_seconds", "rss")
 # a replica missing from complete scrapes this long is dropped (longer than Ray's 30 s health
 # check timeout: by then Ray has replaced a replica it could not reach)
 FORGET_AFTER_S = 60.0
@@ -42,13 +40,10 @@ Family = Tuple[str, str, str, List[Sample]]
 
 
 def snapshot(metrics: Metrics) -> List[Family]:
-    """The replica-owned families of one process's metrics, as plain picklable tuples
-    (`_created` timestamps left out: they cannot be summed)."""
-    wanted = {getattr(metrics, attr)._name for attr in REPLICA_OWNED}
+    """Every family of one process's metrics, as plain picklable tuples (`_created`
+    timestamps left out: they cannot be summed)."""
     out = []
     for family in metrics.registry.collect():
-        if family.name not in wanted:
-            continue
         samples = [(s.name, tuple(sorted(s.labels.items())), float(s.value))
                    for s in family.samples if not s.name.endswith("_created")]
         out.append((family.name, family.type, family.documentation, samples))
@@ -66,42 +61,40 @@ class _Replica:
         self.families: List[Family] = []
         self.loaded: List[str] = []
         self.pid: Optional[int] = None
-        self.running = 0  # legs in an engine call when it answered
+        self.pending = 0  # legs waiting for an engine call there when it answered
         self.live = True  # answered the last scrape
         self.missing_since: Optional[float] = None  # first complete scrape without it
 
 
 class Fleet:
-    """A prometheus-client collector over the replicas' latest snapshots, plus what the
-    ingress needs to know about them (which sub-networks are resident where, legs running)."""
+    """A prometheus-client collector over the replicas' latest snapshots, plus what a
+    replica answering for the service needs to know about the others (which sub-networks are
+    resident, legs waiting)."""
 
-    def __init__(self, own_rss: bool = True, forget_after: float = FORGET_AFTER_S,
-                 clock=time.monotonic):
+    def __init__(self, forget_after: float = FORGET_AFTER_S, clock=time.monotonic):
         self._lock = threading.Lock()
         self._replicas: Dict[str, _Replica] = {}
         # counters and histograms of the replicas dropped: family -> (sample, labels) -> sum
         self._departed: Dict[str, Dict[tuple, float]] = {}
         self._last: Tuple[int, int] = (0, 0)  # (answering, silent) at the last scrape
         self._names = []  # family names and types, known before any replica reports
-        self.own_rss, self.forget_after, self._clock = own_rss, forget_after, clock
-        probe = Metrics()
-        for family in snapshot(probe):
+        self.forget_after, self._clock = forget_after, clock
+        for family in snapshot(Metrics()):
             self._names.append(family[:3])
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
 
-    def adopt(self, metrics: Metrics):
-        """Take the replica-owned families out of the ingress's registry and yield them from
-        the replicas instead (one registry, one /metrics)."""
-        for attr in REPLICA_OWNED:
-            metrics.registry.unregister(getattr(metrics, attr))
-        metrics.registry.register(self)
+    def render(self) -> bytes:
+        """The Prometheus text of the sums (what `/metrics` answers)."""
+        return generate_latest(self._registry)
 
     def update(self, replica: str, families: List[Family], loaded: Iterable[str] = (),
-               pid: Optional[int] = None, running: int = 0):
+               pid: Optional[int] = None, pending: int = 0):
         """A replica's answer to a scrape."""
         with self._lock:
             entry = self._replicas.setdefault(replica, _Replica())
             entry.families, entry.loaded, entry.pid = families, list(loaded), pid
-            entry.running, entry.live, entry.missing_since = running, True, None
+            entry.pending, entry.live, entry.missing_since = pending, True, None
 
     def scraped(self, answered: Iterable[str], asked: Optional[int]):
         """The end of a scrape: the replicas `answered` (their `update` done) out of the
@@ -148,7 +141,7 @@ class Fleet:
     def replicas(self) -> Dict[str, dict]:
         with self._lock:
             return {name: {"live": e.live, "pid": e.pid, "loaded": list(e.loaded),
-                           "running": e.running} for name, e in self._replicas.items()}
+                           "pending": e.pending} for name, e in self._replicas.items()}
 
     def loaded_keys(self) -> List[str]:
         """Sub-networks resident on at least one live replica."""
@@ -156,10 +149,11 @@ class Fleet:
             keys = {k for e in self._replicas.values() if e.live for k in e.loaded}
         return sorted(keys)
 
-    def running(self) -> int:
-        """Legs in an engine call on the live replicas, as they said at the last scrape."""
+    def pending(self) -> int:
+        """Legs waiting for an engine call on the live replicas, as they said at the last
+        scrape."""
         with self._lock:
-            return sum(e.running for e in self._replicas.values() if e.live)
+            return sum(e.pending for e in self._replicas.values() if e.live)
 
     def collect(self):
         with self._lock:
@@ -174,10 +168,6 @@ class Fleet:
         for name, kind, doc in self._names:
             family = Metric(name, doc, kind)
             values = sums[name]
-            if self.own_rss and name == "taskmoe_resident_memory_bytes":
-                # the ingress process too: the memory of the whole service
-                key = (name, ())
-                values[key] = values.get(key, 0.0) + resident_bytes()
             for (sample, labels), value in sorted(values.items(), key=_order):
                 family.add_sample(sample, dict(labels), value)
             yield family

@@ -528,11 +528,19 @@ class Registry:
 
     # --- loading, pinning, eviction ----------------------------------------------------------
 
+    def call_shape(self, key: str) -> Tuple[int, int]:
+        """(calls one engine runs at once, threads each): CTranslate2 runs `threads` calls of
+        one thread (inter_threads); fairseq one call on torch's `threads` threads. The
+        batcher's budget of `threads` engine threads bounds all sub-networks together."""
+        if self.backend == "ctranslate2":
+            return self.threads, 1
+        return 1, self.threads
+
     def _make_engine(self, sub: Subnetwork):
         from .engines import CT2Engine, FairseqEngine
 
         if self.backend == "ctranslate2":
-            return CT2Engine(sub.path, threads=self.threads,
+            return CT2Engine(sub.path, calls=self.call_shape(sub.key)[0],
                              max_source_positions=self.max_source_positions,
                              max_target_positions=self.max_target_positions)
         return FairseqEngine(sub.path, self.data, self.spm_model, sub.build_pair)

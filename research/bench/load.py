@@ -4,13 +4,14 @@ resident memory sampled with psutil, always stopped: SIGTERM, then kill), runnin
 (servers started together, yielded once all answer), build_cache (the server's own start-up run
 in this process, so that measured servers start from a built sub-network cache), the load itself
 (run_load: a fixed request list from N concurrent asyncio + httpx clients, each request sent
-once), warm_up, measure (a load with /metrics' requests per engine call and peak RSS), and the
-pure parts around them (percentile, summarize, ratio, workload, random_sentences, the
---clients / --pairs parsers, read_sentences, environment).
+once), warm_up, measure (a load with /metrics' requests per engine call and peak RSS),
+subnetwork_counts (/metrics' sub-network loads and evictions), and the pure parts around them
+(percentile, summarize, ratio, workload, random_sentences, the --clients / --pairs parsers,
+read_sentences, environment).
 
-Not a command. Used by the load benchmarks research/bench/serve.py and
-research/bench/ray_serve.py, and by scripts/serve_screenshot.py and tests/test_serve_browser.py,
-which start the real server with `running`.
+Not a command. Used by the load benchmarks research/bench/serve.py,
+research/bench/serve_many.py and research/bench/ray_serve.py, and by scripts/serve_screenshot.py
+and tests/test_serve_browser.py, which start the real server with `running`.
 """
 
 import argparse
@@ -241,19 +242,41 @@ def running(checkpoint, data, extra: Sequence, log_path: Path, timeout: float):
         yield server
 
 
-def build_cache(checkpoint, data, extra: Sequence):
+def build_cache(checkpoint, data, extra: Sequence) -> dict:
     """The server's own start-up (cli.serve.make_service: plan routes, build every sub-network
     into --cache-dir), run in this process without serving, so that the measured servers start
-    from the cache: start-up work is neither timed nor in their memory."""
+    from the cache: start-up work is neither timed nor in their memory. Returns what a
+    reference row needs to run the same artifacts: {"paths": {(src, tgt): the artifact of the
+    pair's sub-network}, "max_target_positions": ...}, and what a report of sizes and routes
+    needs: "backend", "quantization", "full_params" and "full_bytes" (the whole model's
+    parameters and the bytes of its tensors), "subnetworks" ({key: {"pairs": the legs it
+    serves, "params", "bytes" (charged against --memory-budget: what it holds loaded),
+    "disk_bytes", "whole"}}) and "routes" ({"src-tgt": {"kind", "via"}}, available ones)."""
     import gc
 
     from fairseq_taskmoe.cli.serve import build_parser, make_service
 
     argv = [str(checkpoint), "--data", str(data), *[str(x) for x in extra]]
     service, _ = make_service(build_parser().parse_args(argv))
+    registry = service.registry
+    facts = {"paths": {pair: registry.subnetwork(key).path
+                       for pair, key in registry.pair_to_key.items()},
+             "max_target_positions": registry.max_target_positions}
+    facts.update(backend=registry.backend, quantization=registry.quantization,
+                 full_params=registry.full_params, full_bytes=registry.full_bytes)
+    facts["subnetworks"] = {}
+    for key in sorted(set(registry.pair_to_key.values())):
+        sub = registry.subnetwork(key)
+        facts["subnetworks"][key] = {
+            "pairs": sorted(f"{s}-{t}" for (s, t), k in registry.pair_to_key.items() if k == key),
+            "params": sub.params, "bytes": sub.bytes, "disk_bytes": sub.disk_bytes,
+            "whole": sub.whole}
+    facts["routes"] = {f"{r.src}-{r.tgt}": r.as_json() for r in service.routes.values()
+                       if r.available}
     service.batcher.close()
-    del service
+    del service, registry
     gc.collect()
+    return facts
 
 
 # ---------------------------------------------------------------- load
@@ -314,6 +337,21 @@ def batch_counts(url: str) -> tuple:
                 elif sample.name.endswith("_sum"):
                     requests += sample.value
     return calls, requests
+
+
+def subnetwork_counts(url: str) -> tuple:
+    """(sub-network loads, evictions) so far, summed over sub-networks (/metrics'
+    taskmoe_subnetwork_loads_total and taskmoe_subnetwork_evictions_total)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"taskmoe_subnetwork_loads_total": 0.0, "taskmoe_subnetwork_evictions_total": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in counts:
+                counts[sample.name] += sample.value
+    return (int(counts["taskmoe_subnetwork_loads_total"]),
+            int(counts["taskmoe_subnetwork_evictions_total"]))
 
 
 def requests_per_call(before: tuple, after: tuple) -> Optional[float]:

@@ -6,16 +6,27 @@ number of requests from N concurrent clients, everything side by side in one run
     .venv/bin/python -m research.bench.serve --parts batching --requests 128
     .venv/bin/python -m research.bench.serve --parts arch --experts 32,128 --arch-clients 16
 
-Part "batching" (the demo model, work/demo by default): mixed pairs (--pairs, one Multi30k
-test_2016_flickr sentence per request, the source side of each pair, round robin over the pairs)
-at --clients 1,4,16,64, against two servers of the same checkpoint that run at the same time on
-two ports:
-  on   cross-request batching (the server's defaults, or --on-args)
+Part "batching" (the demo model, work/demo by default), for two workloads: ONE pair
+(--one-pair, en-de) and the pairs MIXED (--pairs, the demo's six trained directions, round robin);
+one Multi30k test_2016_flickr sentence per request (the source side of each pair), at
+--clients 1,16,64, against two servers of the same checkpoint that run at the same time on two
+ports:
+  on   the server's defaults (continuous cross-request batching, --threads engine threads for
+       the whole server), or --on-args
   off  one request per engine call and no wait: --no-cross-batching --max-wait-ms 0, as
        LibreTranslate serves (its array `q` is looped over, requests are never batched together)
+and against the ceiling, CTranslate2's own `translate_batch` on the same sentences, the same
+model directories (the server's cache), beam, decoding bound and threads, in this process:
+  engine 1-at-a-time  one sentence per call on one thread (intra_threads 1), in request order:
+                      what a server answering one client at a time can reach
+  engine best         every sentence of a pair in ONE translate_batch call split into batches of
+                      B (--engine-batches, the best B reported), inter_threads --threads,
+                      intra_threads 1: --threads batches in flight, sorted by length by the
+                      engine itself: what a server under heavy load can reach
 For each client count the two modes run back to back (their order alternating between counts),
 on the same request list. Reported: throughput (sentences/s = answered requests / wall time),
-latency p50/p95/p99 (per request, client side), and from /metrics the requests per engine call.
+latency p50/p95/p99 (per request, client side), from /metrics the requests per engine call, and
+served / engine (1 client against 1-at-a-time, more clients against best).
 
 Part "arch" (random weights, --embed-dim 512, --layers 6+6, every --moe-freq-th layer MoE with E
 experts of width --ffn-dim/2, top-2, for E in --experts; the checkpoints are built as
@@ -47,8 +58,9 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Sequence
 
+from fairseq_taskmoe.serve.factory import default_threads
 from research.bench.load import (DEMO_PAIRS, REPO, _mb, build_cache, environment, measure,
                                  parse_counts, parse_pairs, random_sentences, ratio,
                                  read_sentences, running, running_all, warm_up, workload)
@@ -64,18 +76,32 @@ def _fmt(x, suffix="") -> str:
 
 
 def batching_table(rows: List[dict]) -> str:
-    """Markdown: one line per client count, batching on and off side by side."""
-    lines = ["| clients | on: sent/s | off: sent/s | on / off | on: p50 / p95 / p99 ms | "
-             "off: p50 / p95 / p99 ms | on: requests per engine call | errors on / off |",
-             "|---:|---:|---:|---:|---|---|---:|---|"]
+    """Markdown: one line per (workload, client count): batching on and off side by side, and
+    served / the engine's own rate (1 client: one at a time; more: its best)."""
+    lines = ["| workload | clients | on: sent/s | off: sent/s | engine sent/s (which) | "
+             "on / engine | off / engine | on: p50 / p95 / p99 ms | off: p50 / p95 / p99 ms | "
+             "on: requests per engine call | errors on / off |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in rows:
         on, off = r["on"], r["off"]
         lines.append(
-            f"| {r['clients']} | {_fmt(on['sentences_per_s'])} | {_fmt(off['sentences_per_s'])} "
-            f"| {_fmt(r['on_over_off'], 'x')} | {_fmt(on['p50_ms'])} / {_fmt(on['p95_ms'])} / "
+            f"| {r['workload']} | {r['clients']} | {_fmt(on['sentences_per_s'])} | "
+            f"{_fmt(off['sentences_per_s'])} | {_fmt(r['engine_sentences_per_s'])} "
+            f"({r['engine_row']}) | {_fmt(r['on_over_engine'], 'x')} | "
+            f"{_fmt(r['off_over_engine'], 'x')} | {_fmt(on['p50_ms'])} / {_fmt(on['p95_ms'])} / "
             f"{_fmt(on['p99_ms'])} | {_fmt(off['p50_ms'])} / {_fmt(off['p95_ms'])} / "
             f"{_fmt(off['p99_ms'])} | {_fmt(on.get('requests_per_call'))} | "
             f"{on['errors']} / {off['errors']} |")
+    return "\n".join(lines)
+
+
+def engine_table(engines: Dict[str, dict]) -> str:
+    lines = ["| workload | sentences | 1-at-a-time sent/s (1 thread) | best sent/s | best batch "
+             "size | best / 1-at-a-time | sent/s by batch size |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, e in engines.items():
+        by = ", ".join(f"{b}: {v:g}" for b, v in e["by_batch"].items())
+        lines.append(f"| {name} | {e['sentences']} | {_fmt(e['single'])} | {_fmt(e['best'])} | "
+                     f"{e['best_batch']} | {_fmt(ratio(e['best'], e['single']), 'x')} | {by} |")
     return "\n".join(lines)
 
 
@@ -102,13 +128,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="batching,arch", help="batching, arch or both "
                    "(default: %(default)s)")
-    p.add_argument("--clients", default="1,4,16,64", type=lambda s: parse_counts(s, "--clients"),
-                   help="concurrent clients of part batching (default: 1,4,16,64)")
-    p.add_argument("--requests", type=int, default=256,
-                   help="requests per (mode, client count) in part batching (default: 256)")
+    p.add_argument("--clients", default="1,16,64", type=lambda s: parse_counts(s, "--clients"),
+                   help="concurrent clients of part batching (default: 1,16,64)")
+    p.add_argument("--requests", type=int, default=384,
+                   help="requests per (workload, mode, client count) in part batching "
+                   "(default: 384)")
     p.add_argument("--work", default=str(REPO / "work" / "bench_serve"),
                    help="sub-network caches, random-weight checkpoints, server logs")
-    p.add_argument("--threads", type=int, default=1, help="the servers' --threads (default 1)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="the servers' --threads and the engine reference's (default: the "
+                   "server's own default, the cores this process may use: %(default)s)")
     p.add_argument("--beam", type=int, default=4, help="the servers' --beam (default 4)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="client timeout per request and the servers' --timeout, seconds")
@@ -124,6 +153,12 @@ def parse_args(argv=None):
                    help="sentences from TEXT_DIR/test.SRC")
     p.add_argument("--pairs", default=DEMO_PAIRS, type=parse_pairs,
                    help="pairs mixed in the load (default: the demo's six trained directions)")
+    p.add_argument("--one-pair", default="en-de", type=parse_pairs,
+                   help="the pair of the one-pair workload (default: en-de)")
+    p.add_argument("--engine-batches", default="8,16,32,64",
+                   type=lambda s: parse_counts(s, "--engine-batches"),
+                   help="batch sizes the engine reference tries for its best rate "
+                   "(default: 8,16,32,64)")
     p.add_argument("--backend", default="ctranslate2", choices=("ctranslate2", "fairseq"))
     p.add_argument("--quantization", default="int8")
     p.add_argument("--on-args", default="", help="extra server flags of mode on, e.g. "
@@ -159,13 +194,76 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- parts
 
 
+def engine_reference(facts: dict, items: Sequence[tuple], beam: int, threads: int,
+                     batch_sizes: Sequence[int]) -> dict:
+    """CTranslate2's own translate_batch on `items` ((src, tgt, text)), with the server's
+    artifacts (facts from build_cache), tokens (the export's SentencePiece model, the pair's
+    language tokens), beam and decoding bound (engines.output_bound): sentences/s one at a
+    time on one thread, and the best over `batch_sizes` with `threads` batches in flight."""
+    from fairseq_taskmoe.ct2 import CT2Translator
+    from fairseq_taskmoe.serve.engines import output_bound
+
+    paths = facts["paths"]
+    missing = sorted({f"{s}-{t}" for s, t, _ in items} - {f"{s}-{t}" for s, t in paths})
+    if missing:
+        raise SystemExit(f"bench_serve: the server's cache has no artifact for {missing}")
+
+    def load(inter: int) -> dict:
+        return {path: CT2Translator(path, intra_threads=1, inter_threads=inter)
+                for path in set(paths.values())}
+
+    def call(mt, pair, sources, batch_size=0):
+        prefix, target = mt.tokens(*pair)
+        sources = [prefix + s for s in sources]
+        bound = output_bound(max(len(s) for s in sources) + 1, facts["max_target_positions"])
+        return mt.translator.translate_batch(
+            sources, target_prefix=[target] * len(sources) if target else None,
+            beam_size=beam, max_input_length=0, max_decoding_length=bound + len(target),
+            max_batch_size=batch_size)
+
+    def inputs(models):
+        return [(models[paths[(s, t)]], (s, t), models[paths[(s, t)]].encode(text))
+                for s, t, text in items]
+
+    models = load(1)
+    single = inputs(models)
+    for mt, pair, pieces in single[:4]:
+        call(mt, pair, [pieces])  # warm-up
+    t0 = time.perf_counter()
+    for mt, pair, pieces in single:
+        call(mt, pair, [pieces])
+    one = len(single) / (time.perf_counter() - t0)
+    del models, single
+    models = load(threads)
+    groups: Dict[tuple, list] = {}
+    for mt, pair, pieces in inputs(models):
+        groups.setdefault(pair, (mt, []))[1].append(pieces)
+    for pair, (mt, sources) in groups.items():
+        call(mt, pair, sources[:8], 8)  # warm-up
+    by_batch = {}
+    for size in batch_sizes:
+        t0 = time.perf_counter()
+        for pair, (mt, sources) in groups.items():
+            call(mt, pair, sources, size)
+        by_batch[size] = round(len(items) / (time.perf_counter() - t0), 2)
+    best = max(by_batch, key=by_batch.get)
+    return {"sentences": len(items), "single": round(one, 2), "best": by_batch[best],
+            "best_batch": best, "by_batch": by_batch, "threads": threads}
+
+
 def part_batching(args, log) -> dict:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
         raise SystemExit(f"bench_serve: {checkpoint} is missing: run `make demo` first, or give "
                          "--checkpoint, --data, --spm-model and --text-dir")
+    if args.backend != "ctranslate2":
+        raise SystemExit("bench_serve: part batching compares against CTranslate2's own "
+                         "translate_batch: give --backend ctranslate2")
     work = Path(args.work)
-    sentences = read_sentences(args.text_dir, sorted({s for s, _ in args.pairs}))
+    workloads = {f"one pair ({'-'.join(args.one_pair[0])})": args.one_pair,
+                 f"{len(args.pairs)} pairs mixed": args.pairs}
+    sentences = read_sentences(args.text_dir, sorted(
+        {s for pairs in workloads.values() for s, _ in pairs}))
     common = ["--cache-dir", work / "cache", "--backend", args.backend, "--quantization",
               args.quantization, "--threads", args.threads, "--beam", args.beam, "--timeout",
               args.timeout, "--max-queue", max(256, 2 * max(args.clients)), "--log-level",
@@ -174,29 +272,44 @@ def part_batching(args, log) -> dict:
         common += ["--spm-model", args.spm_model]
     extra = {"on": common + shlex.split(args.on_args), "off": common + MODES["off"]}
     log(f"batching: building the sub-network cache of {checkpoint} ...")
-    build_cache(checkpoint, args.data, common)
+    facts = build_cache(checkpoint, args.data, common)
+    items = {name: workload(pairs, sentences, args.requests) for name, pairs in workloads.items()}
+    engines = {}
+    for name, work_items in items.items():
+        engines[name] = engine_reference(facts, work_items, args.beam, args.threads,
+                                         args.engine_batches)
+        e = engines[name]
+        log(f"engine {name}: {e['single']} sent/s one at a time, {e['best']} best (batch "
+            f"{e['best_batch']}, {args.threads} in flight)")
     rows = []
     specs = [(checkpoint, args.data, extra[m], work / "logs" / f"{m}.log") for m in ("on", "off")]
     with running_all(specs, args.start_timeout) as (on, off):
         servers = {"on": on, "off": off}
         for server in servers.values():
             warm_up(server, args.pairs, sentences, args.timeout)
-        items = workload(args.pairs, sentences, args.requests)
-        for n, clients in enumerate(args.clients):
-            row = {"clients": clients}
-            for mode in (("on", "off") if n % 2 == 0 else ("off", "on")):
-                row[mode] = measure(servers[mode], items, clients, args.timeout)
-                r = row[mode]
-                log(f"batching {mode:3s} clients {clients:3d}: {r['sentences_per_s']:.2f} sent/s, "
-                    f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-                    f"{r['requests_per_call']} requests per engine call, {r['errors']} errors")
-            row["on_over_off"] = ratio(row["on"]["sentences_per_s"],
-                                       row["off"]["sentences_per_s"])
-            rows.append(row)
+        n = 0
+        for name, work_items in items.items():
+            for clients in args.clients:
+                row = {"workload": name, "clients": clients}
+                for mode in (("on", "off") if n % 2 == 0 else ("off", "on")):
+                    row[mode] = measure(servers[mode], work_items, clients, args.timeout)
+                    r = row[mode]
+                    log(f"{name} {mode:3s} clients {clients:3d}: {r['sentences_per_s']:.2f} "
+                        f"sent/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                        f"{r['requests_per_call']} requests per engine call, "
+                        f"{r['errors']} errors")
+                n += 1
+                which = "single" if clients == 1 else "best"
+                row["engine_row"] = "1-at-a-time" if clients == 1 else "best"
+                row["engine_sentences_per_s"] = engines[name][which]
+                for mode in ("on", "off"):
+                    row[f"{mode}_over_engine"] = ratio(row[mode]["sentences_per_s"],
+                                                       engines[name][which])
+                rows.append(row)
     return {"checkpoint": str(checkpoint), "pairs": ["-".join(p) for p in args.pairs],
-            "requests": args.requests, "server_flags": {m: [str(x) for x in e]
-                                                        for m, e in extra.items()},
-            "rows": rows}
+            "one_pair": "-".join(args.one_pair[0]), "requests": args.requests,
+            "server_flags": {m: [str(x) for x in e] for m, e in extra.items()},
+            "engines": engines, "rows": rows}
 
 
 def build_random_checkpoint(data: Path, shape: Namespace, experts: int, variant: str,
@@ -314,11 +427,15 @@ def markdown(result: dict) -> str:
            f"--beam {env['beam']}; client and servers on the same machine (127.0.0.1).", ""]
     if "batching" in result:
         b = result["batching"]
-        out += ["## Cross-request batching on vs off", "",
-                f"{b['checkpoint']}; pairs {', '.join(b['pairs'])} mixed round robin, one "
-                f"sentence per request, {b['requests']} requests per cell. Off: "
-                "`--no-cross-batching --max-wait-ms 0` (one request per engine call).", "",
-                batching_table(b["rows"]), ""]
+        out += ["## Served against the engine's own rate", "",
+                f"{b['checkpoint']}; one pair ({b['one_pair']}), and the pairs "
+                f"{', '.join(b['pairs'])} mixed round robin; one sentence per request, "
+                f"{b['requests']} requests per cell. On: the server's defaults; off: `--no-cross-batching --max-wait-ms 0` (one request per engine call). "
+                "Engine: CTranslate2's own translate_batch on the same sentences, artifacts, "
+                "beam and threads, in the benchmark's process (1 client is compared with one "
+                "sentence at a time on one thread, more clients with the engine's best).", "",
+                batching_table(b["rows"]), "", "The engine's own rates:", "",
+                engine_table(b["engines"]), ""]
     if "arch" in result:
         a = result["arch"]
         s = a["shape"]

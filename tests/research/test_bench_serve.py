@@ -14,13 +14,15 @@ from research.bench.load import random_sentences
 
 def test_arguments():
     args = bench.parse_args([])
-    assert args.clients == [1, 4, 16, 64] and args.parts == ["batching", "arch"]
+    assert args.clients == [1, 16, 64] and args.parts == ["batching", "arch"]
+    assert args.one_pair == [("en", "de")] and args.engine_batches == [8, 16, 32, 64]
     assert args.experts == [32, 128] and args.embed_dim == 512 and args.layers == 6
     assert args.pairs[0] == ("en", "de") and len(args.pairs) == 6
     args = bench.parse_args(["--parts", "arch", "--clients", "2,8", "--pairs", "de-fr"])
     assert args.parts == ["arch"] and args.clients == [2, 8] and args.pairs == [("de", "fr")]
     for bad in (["--clients", "0"], ["--clients", "a,b"], ["--pairs", "en"],
-                ["--pairs", "en-en"], ["--parts", "speed"], ["--requests", "0"]):
+                ["--pairs", "en-en"], ["--parts", "speed"], ["--requests", "0"],
+                ["--engine-batches", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 
@@ -32,11 +34,18 @@ def cell(sent_s, p50=10.0, **extra):
 
 
 def test_tables_and_markdown():
-    rows = [{"clients": 16, "on": cell(40.0, calls=5.5), "off": cell(10.0), "on_over_off": 4.0}]
+    rows = [{"workload": "one pair (en-de)", "clients": 16, "on": cell(40.0, calls=5.5),
+             "off": cell(10.0), "engine_row": "best", "engine_sentences_per_s": 50.0,
+             "on_over_engine": 0.8, "off_over_engine": 0.2}]
     table = bench.batching_table(rows)
     lines = table.splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
-    assert "| 16 | 40 | 10 | 4x | 10 / 20 / 30 | 10 / 20 / 30 | 5.5 | 0 / 0 |" == lines[2]
+    assert ("| one pair (en-de) | 16 | 40 | 10 | 50 (best) | 0.8x | 0.2x | 10 / 20 / 30 | "
+            "10 / 20 / 30 | 5.5 | 0 / 0 |") == lines[2]
+    engines = {"one pair (en-de)": {"sentences": 8, "single": 20.0, "best": 50.0,
+                                    "best_batch": 16, "by_batch": {8: 40.0, 16: 50.0}}}
+    line = bench.engine_table(engines).splitlines()[2]
+    assert line == "| one pair (en-de) | 8 | 20 | 50 | 16 | 2.5x | 8: 40, 16: 50 |"
     arch = [{"experts": 128, "clients": 16, "token": cell(2.0, rss=4000.0),
              "task": cell(8.0, rss=500.0), "throughput_ratio": 4.0, "rss_ratio": 0.12}]
     line = bench.arch_table(arch).splitlines()[2]
@@ -44,12 +53,13 @@ def test_tables_and_markdown():
     result = {"command": "python -m research.bench.serve", "environment": {
         "date": "d", "machine": "m", "python": "3.11", "torch": "t", "ctranslate2": "c",
         "server_threads": 1, "beam": 4},
-        "batching": {"checkpoint": "c.pt", "pairs": ["en-de"], "requests": 8, "rows": rows},
+        "batching": {"checkpoint": "c.pt", "pairs": ["en-de"], "one_pair": "en-de",
+                     "requests": 8, "rows": rows, "engines": engines},
         "arch": {"shape": {"embed_dim": 512, "ffn_dim": 2048, "layers": 6, "moe_freq": 2,
                            "src_len": 20}, "pairs": ["en-de"], "requests": 8,
                  "server_flags": {"task": ["--quantization", "int8"]}, "rows": arch}}
     text = bench.markdown(result)
-    assert "## Cross-request batching on vs off" in text and table in text
+    assert "## Served against the engine's own rate" in text and table in text
     assert "## Token-MoE served whole vs task-MoE served pruned" in text
 
 
@@ -98,12 +108,23 @@ def test_tiny_real_run_of_part_batching(tmp_path):
     assert bench.main(["--parts", "batching", "--checkpoint", str(ckpt), "--data", str(data),
                        "--spm-model", "", "--text-dir", str(text), "--pairs", "en-de,de-en",
                        "--clients", "1,2", "--requests", "4", "--beam", "1",
+                       "--engine-batches", "2,4", "--threads", "2",
                        "--work", str(work), "--out-json", str(out),
                        "--out-md", str(tmp_path / "bench.md")]) == 0
     result = json.loads(out.read_text())
     rows = result["batching"]["rows"]
-    assert [r["clients"] for r in rows] == [1, 2]
+    assert [(r["workload"], r["clients"]) for r in rows] == [
+        ("one pair (en-de)", 1), ("one pair (en-de)", 2), ("2 pairs mixed", 1),
+        ("2 pairs mixed", 2)]
+    for name, engine in result["batching"]["engines"].items():
+        assert engine["sentences"] == 4 and engine["single"] > 0 and engine["best"] > 0
+        assert engine["best"] == max(engine["by_batch"].values())
     for row in rows:
+        which = "single" if row["clients"] == 1 else "best"
+        assert row["engine_sentences_per_s"] == result["batching"]["engines"][
+            row["workload"]][which]
+        assert row["on_over_engine"] == pytest.approx(
+            row["on"]["sentences_per_s"] / row["engine_sentences_per_s"], abs=0.006)
         for mode in ("on", "off"):
             assert row[mode]["ok"] == 4 and row[mode]["errors"] == 0
             assert row[mode]["sentences_per_s"] > 0 and row[mode]["p99_ms"] > 0
