@@ -27,6 +27,8 @@ experts the task uses (k x the expert width), the dense layers kept theirs. Thre
    every layer's FFN size from its weights) computes with the true per-layer widths.
    `language_convention(dense)` is what a CTranslate2 user must add around the SentencePiece
    pieces (fairseq's --encoder-langtok / --decoder-langtok as tokens), written next to the model.
+   (argos.py packages the same model for Argos Translate, with the source token in the model's
+   config instead.)
 
 Axis legend: C model dim, F FFN inner dim.
 """
@@ -400,7 +402,7 @@ def _converter_class():
         in-memory legacy checkpoint: its loader needs `args` as a namespace), then each layer's
         zero padding cut off so that CTranslate2 keeps the true per-layer FFN widths."""
 
-        def __init__(self, dense: DenseExport, data_dir: str):
+        def __init__(self, dense: DenseExport, data_dir: str, source_bos: Optional[str] = None):
             data_dir = str(data_dir)
             model, widths = padded_ffns(dense)
             args = argparse.Namespace(**{**stock_task_options(dense),
@@ -413,9 +415,13 @@ def _converter_class():
             super().__init__(buffer, data_dir, source_lang=dense.pair[0],
                              target_lang=dense.pair[1], unsafe_deserialization=True)
             self.ffn_dims = dense.ffn_dims
+            self.source_bos = source_bos
 
         def _load(self):
             spec = super()._load()
+            if self.source_bos is not None:  # CTranslate2 puts the token before every source
+                spec.config.bos_token = self.source_bos
+                spec.config.add_source_bos = True
             for side, layer_specs in (("encoder", spec.encoder.layer),
                                       ("decoder", spec.decoder.layer)):
                 for index, (layer, dim) in enumerate(zip(layer_specs, self.ffn_dims[side])):
@@ -436,9 +442,13 @@ def _unpad(ffn_spec, dim: int, name: str):
 
 
 def to_ctranslate2(dense: DenseExport, output_dir: str, data_dir: str,
-                   quantization: Optional[str] = None, force: bool = False) -> str:
-    """Write a CTranslate2 model directory (CTranslate2's own writer) for this pair."""
-    converter = _converter_class()(dense, data_dir)
+                   quantization: Optional[str] = None, force: bool = False,
+                   source_bos: Optional[str] = None) -> str:
+    """Write a CTranslate2 model directory (CTranslate2's own writer) for this pair.
+    source_bos: a token CTranslate2 itself adds before every source (its config's
+    `add_source_bos` + `bos_token`; the decoder still starts with </s>), for callers that cannot
+    add the source language token (Argos Translate)."""
+    converter = _converter_class()(dense, data_dir, source_bos=source_bos)
     try:
         with torch.no_grad():
             return converter.convert(output_dir, quantization=quantization, force=force)

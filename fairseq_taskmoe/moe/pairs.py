@@ -28,6 +28,17 @@ ANY = "*"
 Pair = Union[str, Tuple[str, str]]  # "en-de" or ("en", "de")
 
 
+# names of the languages the demo, the LoHelp corpus and most task-MoE setups use, shown by the
+# server's /languages and in Argos packages' metadata; others are shown by their code
+LANGUAGE_NAMES = {
+    "en": "English", "de": "German", "fr": "French", "cs": "Czech", "es": "Spanish",
+    "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese",
+    "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "tr": "Turkish",
+    "pl": "Polish", "uk": "Ukrainian", "sv": "Swedish", "ro": "Romanian", "fi": "Finnish",
+    "el": "Greek",
+}
+
+
 def split_pair(pair: Pair) -> Tuple[str, str]:
     """'en-de' or ('en', 'de') -> ('en', 'de'); ValueError for anything else."""
     if isinstance(pair, str):
