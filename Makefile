@@ -13,8 +13,8 @@ TORCH  ?= torch==2.13.0
 # real runtime requirements listed here.
 FAIRSEQ_RUNTIME := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging
 
-.PHONY: venv system-deps test test-all demo serve clean study study-report distill bench \
-  bench-inference bench-moe-layer bench-export bench-serve bench-ray-serve lohelp
+.PHONY: venv argos-venv system-deps test test-all demo serve clean study study-report distill \
+  bench bench-inference bench-moe-layer bench-export bench-serve bench-ray-serve lohelp
 venv: $(STAMP)
 
 $(STAMP): setup.cfg setup.py Makefile
@@ -27,11 +27,26 @@ $(STAMP): setup.cfg setup.py Makefile
 	$(PIP) install -q $(FAIRSEQ_RUNTIME)
 	$(PIP) install -q --no-deps -e .
 	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu>=2.0" pytest ctranslate2 matplotlib
+	$(PIP) install -q spacy  # the blank pipeline an Argos package ships (the argos extra)
+	$(PIP) install -q "py3langid>=0.4"  # language detection beyond en/de/fr/cs (the langid extra)
 	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx python-multipart psutil libretranslatepy sentencex
 	$(PIP) install -q "ray[serve]==2.60.0"
 	$(PIP) install -q selenium
 	@echo "(a pip note that fairseq-fixed requires torchaudio is expected: it is never imported)"
 	touch $(STAMP)
+
+# Argos Translate 1.11 (what `taskmoe-export --format argos` packages are for) in a virtualenv
+# of its own, unchanged: tests/test_export_argos.py installs a package with it and translates
+# offline (skipped without it). The same pinned CPU torch goes in first, else stanza (which
+# argostranslate imports) would pull a multi-GB CUDA build.
+ARGOS_VENV := .venv-argos
+argos-venv: $(ARGOS_VENV)/.installed
+$(ARGOS_VENV)/.installed: Makefile
+	test -x $(ARGOS_VENV)/bin/python || $(PYTHON) -m venv $(ARGOS_VENV)
+	$(ARGOS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ARGOS_VENV)/bin/python -m pip install -q $(TORCH)
+	$(ARGOS_VENV)/bin/python -m pip install -q argostranslate==1.11.0
+	touch $@
 
 # The web page's browser test (tests/test_serve_browser.py) drives Debian's Chromium; installed
 # when missing and possible (root with apt-get, as on CI), else the test says it is skipped.
@@ -45,7 +60,7 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
-test-all: $(STAMP) system-deps
+test-all: $(STAMP) system-deps argos-venv
 	$(PY) -m pytest -q -m "" tests
 
 demo: $(STAMP)
@@ -100,6 +115,17 @@ bench-ray-serve: $(STAMP)
 	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-ray-serve: no demo model" \
 	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
 	$(PY) -m research.bench.ray_serve --pairs-per-replica 4 $(ARGS)
+# taskmoe-serve on many languages (after `make study-lohelp` has trained LoHelp's target / target
+# and token / token runs): every en<->X direction and 12 X-Y pairs through English, sub-network
+# sizes, start-up, Zipf and uniform loads under a quarter of the sub-networks' bytes and without
+# a budget, and the token model served whole: results/serve_many.{json,md} (docs/serving.md)
+.PHONY: bench-serve-many
+LOHELP_RUNS := work/study-lohelp/runs
+bench-serve-many: $(STAMP)
+	@for run in target_target-s1 token_token-s1; do test -f $(LOHELP_RUNS)/$$run/train.done.json \
+	  || { echo "make bench-serve-many: $(LOHELP_RUNS)/$$run has not finished training (no" \
+	  "train.done.json): run \`make study-lohelp\` first"; exit 1; }; done
+	$(PY) -m research.bench.serve_many $(ARGS)
 
 # LoHelp, a many-way parallel corpus from LibreOffice's translated help (docs/corpus-lohelp.md):
 # Debian's libreoffice-help-* packages (apt-get download) -> work/lohelp/bin for en<->13
@@ -120,5 +146,21 @@ study-lohelp: $(STAMP)
 study-lohelp-report: $(STAMP)
 	$(PY) -m research.study.report --corpus lohelp $(ARGS)
 
+# Pairs nobody trained, on LoHelp (docs/results-many.md): once the study's target / target run
+# has finished training, pivot through English vs direct zero-shot on the 14 X-Y directions of
+# the ring (research/pivot_eval.py), as taskmoe-serve serves them:
+# results/pivot_eval-lohelp-target_target-s1.{json,md}. The language detector's accuracy on
+# LoHelp's references (no model needed): results/langid-lohelp.{json,md}.
+.PHONY: pivot-lohelp langid-lohelp
+LOHELP_TT := work/study-lohelp/runs/target_target-s1
+pivot-lohelp: $(STAMP)
+	@test -f $(LOHELP_TT)/train.done.json || { echo "make pivot-lohelp: $(LOHELP_TT) has not" \
+	  "finished training (no train.done.json): run \`make study-lohelp\` first"; exit 1; }
+	$(PY) -c "import MeCab, ipadic" 2>/dev/null || $(PIP) install -q "sacrebleu[ja]"
+	$(PY) -m research.pivot_eval --corpus lohelp $(LOHELP_TT)/checkpoints/checkpoint_last.pt \
+	  --name lohelp-target_target-s1 $(ARGS)
+langid-lohelp: $(STAMP)
+	$(PY) -m research.langid_eval $(ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(ARGOS_VENV) build *.egg-info

@@ -9,15 +9,15 @@
                   loading and the Trainer hooks; integration/plugin.py is what
                   `--user-dir user_dir` imports (it registers everything)
     deploy/       a checkpoint -> one task's pruned sub-network, parameter counts, export to a
-                  stock fairseq transformer or CTranslate2
+                  stock fairseq transformer, CTranslate2 or an Argos Translate package
     serve/, cli/  taskmoe-serve and the taskmoe-* console commands
     hub.py        the Python API on a checkpoint (public: `fairseq_taskmoe.hub`)
     ct2.py        the Python API on an exported CTranslate2 model (public: `fairseq_taskmoe.ct2`)
-    atomic.py, langid.py  utilities: atomic file writes, stop-word language detection
+    atomic.py, langid.py  utilities: atomic file writes, language detection (off-target rates)
 
-Dependencies point one way: moe <- distributed, integration, deploy <- serve, cli (and hub,
-ct2). moe imports nothing else of this package; nothing but serve/ and cli/ imports serve/ or
-cli/. Between the middle three: integration builds on distributed (sharded expert FFNs, the
+Dependencies point one way: moe <- distributed, integration, deploy <- serve <- cli (and hub,
+ct2). moe imports nothing else of this package; nothing but serve/ and cli/ imports serve/, and
+nothing but cli/ imports cli/. Between the middle three: integration builds on distributed (sharded expert FFNs, the
 checkpoint files its Trainer hooks write), distributed/checkpoints.py reads files through
 integration/compat.py (the allow-list of fairseq's pickled types), deploy reads the options of
 integration/config.py; integration imports nothing of deploy. The subpackages' __init__ files

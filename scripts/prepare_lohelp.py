@@ -17,7 +17,9 @@ resumes; every file is written under a temporary name and renamed when complete)
   1. download  <work>/debs/*.deb, <work>/pkg/<lang>/   apt-get download + dpkg -x, per language
   2. extract   <work>/extract/<lang>.tsv               page, key, text of every paragraph
   3. align     <work>/text/{train,valid,test}.en-X.{en,X}, <work>/pages.tsv, <work>/stats.json,
-               and the table <results>/corpus.{md,json} and the split <results>/split.tsv
+               and the table <results>/corpus.{md,json} and the split <results>/split.tsv;
+               then the many-way test set <work>/text/test.many.tsv and its table
+               <results>/test_many.{md,json} (test paragraphs per X-Y direction)
   4. spm       <work>/spm.model, <work>/spm.vocab       one joint SentencePiece model
   5. encode    <work>/spm/{split}.en-X.{en,X}           space-separated pieces
   6. bin       <work>/bin/                              fairseq-preprocess, one run per en-X
@@ -41,6 +43,13 @@ pair, else valid when on a valid page, else train; English texts are compared ca
 punctuation-blind for this, so no test or valid paragraph's English (nearly) appears in any
 pair's training data. docs/corpus-lohelp.md has the details, the choice of languages and the
 measured corpus.
+
+The many-way test set (step 3, for the directions nobody trained, X-Y): one row per test
+paragraph (page, key) that any pair kept, with its English and every language's translation in
+that pair's test set (an empty cell where the pair dropped or lacks it), so X-Y's test set is
+the rows where both X and Y are filled: same filters, same test pages and caps as en-X and
+en-Y. The en and X columns of the rows with X filled are test.en-X.{en,X}, line for line (the
+script checks it).
 """
 
 import argparse
@@ -90,6 +99,8 @@ CHARACTER_WORDS = {"CJK", "IDEOGRAPHIC", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAG
                    "HALFWIDTH", "HANGUL"}
 
 SPLITS = ("train", "valid", "test")
+# The many-way test set: page, key, en, then every language of --langs (header row first).
+MANY_WAY = "test.many.tsv"
 # Paragraph classes that hold code, formulas or math input, not prose.
 CODE_CLASSES = {"code", "codeintable", "smathcode"}
 VOID_TAGS = {"br", "img", "input", "meta", "hr", "wbr", "link", "area", "base", "col", "embed",
@@ -645,6 +656,88 @@ def check_no_leak(args):
     return {"valid": len(held["valid"]), "test": len(held["test"])}
 
 
+# ---------------------------------------------------------------- 3. align: many-way test
+
+
+def many_way_outputs(args):
+    return (args.work_dir / "text" / MANY_WAY,
+            [args.results_dir / n for n in ("test_many.md", "test_many.json")])
+
+
+def step_many_way(args):
+    """<work>/text/test.many.tsv (module docstring) and its table; skipped when they exist (the
+    table alone is written again from the TSV)."""
+    path, table = many_way_outputs(args)
+    if path.exists():
+        if all(p.exists() for p in table):
+            log("step 3/6 many-way test: exists, skipped")
+        else:
+            log(f"step 3/6 many-way test: exists; its table written again into "
+                f"{args.results_dir}")
+            write_many_table(args, read_lines(path))
+        return
+    start = time.time()
+    english, pages = read_extract(args, "en")
+    units, splits, text_split = english_units(args, english, pages)
+    kept = {}  # lang -> {(page, key): translation} of the pair's test set
+    for i, lang in enumerate(args.langs, 1):
+        other, _ = read_extract(args, lang)
+        out, _ = align_pair(args, lang, units, splits, text_split, other)
+        kept[lang] = {(page, key): text for page, key, _english, text in out["test"]}
+        log(f"step 3/6 many-way test {i}/{len(args.langs)} {lang}: {len(kept[lang])} test "
+            f"paragraphs")
+    rows = ["\t".join(["page", "key", "en", *args.langs])]
+    for page, key, english in units:  # page order, as the pairs' test files
+        cells = [kept[lang].get((page, key), "") for lang in args.langs]
+        if any(cells):
+            rows.append("\t".join([page, key, english, *cells]))
+    check_many_way(args, rows)
+    write_lines(path, rows)
+    write_many_table(args, rows)
+    log(f"step 3/6 many-way test: {len(rows) - 1} paragraphs ({time.time() - start:.0f}s)")
+
+
+def many_way_columns(rows):
+    """The TSV's rows (header first) -> {language: its column}, en included."""
+    header = rows[0].split("\t")
+    cells = [row.split("\t") for row in rows[1:]]
+    return {lang: [c[i] for c in cells] for i, lang in enumerate(header) if i >= 2}
+
+
+def check_many_way(args, rows):
+    """Each pair's columns, where filled, must be its test files line for line."""
+    columns = many_way_columns(rows)
+    text = args.work_dir / "text"
+    for lang in args.langs:
+        filled = [i for i, t in enumerate(columns[lang]) if t]
+        for side in ("en", lang):
+            got = [columns[side][i] for i in filled]
+            if got != read_lines(text / f"test.en-{lang}.{side}"):
+                fail(f"the many-way test set's {side} column of en-{lang} differs from "
+                     f"text/test.en-{lang}.{side} (a bug, or text/ from other settings)")
+
+
+def write_many_table(args, rows):
+    """<results>/test_many.{md,json}: test paragraphs of every direction X-Y (either order)."""
+    columns = many_way_columns(rows)
+    langs = [lang for lang in columns if lang != "en"]
+    filled = {lang: {i for i, t in enumerate(columns[lang]) if t} for lang in langs}
+    counts = {f"{x}-{y}": len(filled[x] & filled[y]) for x in langs for y in langs if x != y}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(args.results_dir / "test_many.json",
+               {"paragraphs": len(rows) - 1, "langs": langs, "directions": counts})
+    table = ["| | " + " | ".join(langs) + " |", "|---|" + "--:|" * len(langs)]
+    for x in langs:
+        table.append(f"| **{x}** | " + " | ".join(
+            "" if x == y else f"{counts[f'{x}-{y}']:,}" for y in langs) + " |")
+    write_lines(args.results_dir / "test_many.md", [
+        "# LoHelp: the many-way test set, paragraphs per direction", "",
+        "Written by `scripts/prepare_lohelp.py` (see docs/corpus-lohelp.md). Test paragraphs of "
+        "X-Y (the same for Y-X): those in both en-X's and en-Y's test sets, aligned by help page "
+        f"and paragraph id; {len(rows) - 1:,} paragraphs in all.", "", *table])
+    print("\n".join(table), flush=True)
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -914,8 +1007,8 @@ def main(argv=None):
     check_settings(args)
     if time.time() - t > 1:
         timer.record("download+extract", time.time() - t)
-    for name, step in (("align", step_align), ("spm", step_spm), ("encode", step_encode),
-                       ("bin", step_bin)):
+    for name, step in (("align", step_align), ("many-way test", step_many_way),
+                       ("spm", step_spm), ("encode", step_encode), ("bin", step_bin)):
         t = time.time()
         step(args)
         if time.time() - t > 1:  # a skipped step keeps the time of the sitting that ran it

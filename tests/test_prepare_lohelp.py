@@ -3,8 +3,9 @@ download): three languages (en-US, de, ja), four help pages split train / valid 
 path's hash, with inline markup, entities, an inline switch, a block switch, an image, a code
 paragraph, a short one, an untranslated one (differing from the English only in spacing), a
 wrong-script one, a failed embed, duplicates, a near-duplicate of a test paragraph on a train
-page and an id repeated on one page. Extraction, filtering and the split are checked line by
-line; the full pipeline (SentencePiece, fairseq-preprocess) is checked for its layout."""
+page and an id repeated on one page. Extraction, filtering, the split and the many-way test set
+are checked line by line; the full pipeline (SentencePiece, fairseq-preprocess) is checked for
+its layout."""
 
 import importlib.util
 import json
@@ -289,6 +290,40 @@ def test_extract_filter_split(tmp_path):
         lohelp.check_settings(args_for(tmp_path, "--min-words", "3"))
 
 
+def test_many_way_test_set(tmp_path):
+    """test.many.tsv: the test paragraphs of every pair by (page, key), a pair's cells empty
+    where it dropped the paragraph; X-Y's test set is where both are filled."""
+    args = args_for(tmp_path)
+    make_tree(args.work_dir)
+    lohelp.step_extract(args, args.all_langs)
+    lohelp.step_align(args)
+    lohelp.step_many_way(args)
+    rows = read(args.work_dir / "text" / "test.many.tsv")
+    (en1, de1), (en2, de2), (en3, de3) = EXPECTED[("test", "de")]
+    ja1, ja3 = (t for _, t in EXPECTED[("test", "ja")])
+    assert rows == ["page\tkey\ten\tde\tja",
+                    f"{TEST}\tpar_id101\t{en1}\t{de1}\t{ja1}",
+                    f"{TEST}\tpar_id200\t{en2}\t{de2}\t",  # ja: a failed embed
+                    f"{TEST}\tpar_id201\t{en3}\t{de3}\t{ja3}"]  # par_id201#2: a duplicate
+    record = json.loads((args.results_dir / "test_many.json").read_text())
+    assert record == {"paragraphs": 3, "langs": ["de", "ja"],
+                      "directions": {"de-ja": 2, "ja-de": 2}}
+    assert "| **de** |  | 2 |" in read(args.results_dir / "test_many.md")
+
+    # resumable: skipped when it exists, a missing table written again from the TSV
+    mtime = (args.work_dir / "text" / "test.many.tsv").stat().st_mtime_ns
+    (args.results_dir / "test_many.json").unlink()
+    lohelp.step_many_way(args)
+    assert json.loads((args.results_dir / "test_many.json").read_text()) == record
+    assert (args.work_dir / "text" / "test.many.tsv").stat().st_mtime_ns == mtime
+
+    # the en and X columns must be the pair's own test files, line for line
+    (args.work_dir / "text" / "test.many.tsv").unlink()
+    (args.work_dir / "text" / "test.en-ja.ja").write_text("changed\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="differs from text/test.en-ja.ja"):
+        lohelp.step_many_way(args)
+
+
 def test_caps_take_whole_pages_in_hash_order(tmp_path):
     args = args_for(tmp_path, "--max-test", "2")  # the test page has 3 (de): all dropped
     make_tree(args.work_dir)
@@ -357,6 +392,7 @@ def check_layout(work: Path):
                     a = bindir / f"{split}.en-{x}.{side}.{ext}"
                     b = bindir / f"{split}.{x}-en.{side}.{ext}"
                     assert a.read_bytes() == b.read_bytes() and a.stat().st_size > 0
+    assert read(work / "text" / "test.many.tsv")[0] == "page\tkey\ten\tde\tja"
     pieces = read(work / "spm" / "test.en-ja.ja")
     assert len(pieces) == 2 and all(line.startswith("\u2581") for line in pieces)
     dictionary = read(work / "dict.txt")

@@ -1,7 +1,9 @@
 """The inference benchmark's variants (research.bench.inference, docs/benchmarks.md section 1):
 random-weight checkpoints of each at a given shape, loaded as fairseq-generate would, the same
 random inputs for every one, and one timed decode or score call. Random weights are all that
-speed needs. research/bench/serve.py serves variants a and b built here."""
+speed needs. research/bench/serve.py serves variants a and b built here, for more languages
+too (dict_dir's `langs`, the shape's optional `langs`, `pairs`, `max_target_positions`: the tiny
+run of research/bench/serve_many.py's test)."""
 
 import time
 import warnings
@@ -25,27 +27,38 @@ VARIANTS = {  # name -> (label, routing (enc, dec) or None for dense, prune, mer
 }
 
 
-def dict_dir(work: Path, vocab: int) -> Path:
-    """A data folder holding only dictionaries (all the task needs to build models)."""
-    d = work / f"dict{vocab}"
-    if not (d / "dict.en.txt").exists():
+def dict_dir(work: Path, vocab: int, langs=None) -> Path:
+    """A data folder holding only dictionaries (all the task needs to build models): words
+    w0, w1, ... for `langs` (default: Multi30k's LANGS, in work/dict{vocab}; other languages in
+    a folder of their own), vocab symbols in all with the special and language tokens."""
+    langs = list(langs or LANGS)
+    d = work / (f"dict{vocab}" if langs == LANGS else f"dict{vocab}-{'-'.join(langs)}")
+    if not (d / f"dict.{langs[0]}.txt").exists():
         d.mkdir(parents=True, exist_ok=True)
-        text = "".join(f"w{i} 1\n" for i in range(vocab - 4 - len(LANGS)))
-        for lang in LANGS:
+        text = "".join(f"w{i} 1\n" for i in range(vocab - 4 - len(langs)))
+        for lang in langs:
             write_text_atomically(d / f"dict.{lang}.txt", text)
     return d
 
 
 def train_args(data: Path, args, experts: int, routing):
+    """fairseq's training args of a variant. args: the shape (layers, embed_dim, ffn_dim,
+    heads, moe_freq) and optionally `langs` and `pairs` (lists; default: Multi30k's LANGS and
+    PAIRS, the directions the model is trained on) and `max_target_positions` (default:
+    fairseq's)."""
     import user_dir  # noqa: F401  (registers the plugin)
     from fairseq import options
 
+    langs = getattr(args, "langs", None) or LANGS
+    pairs = getattr(args, "pairs", None) or PAIRS
     shape = ["--encoder-layers", args.layers, "--decoder-layers", args.layers,
              "--encoder-embed-dim", args.embed_dim, "--decoder-embed-dim", args.embed_dim,
              "--encoder-ffn-embed-dim", args.ffn_dim, "--decoder-ffn-embed-dim", args.ffn_dim,
              "--encoder-attention-heads", args.heads, "--decoder-attention-heads", args.heads,
              "--share-all-embeddings", "--encoder-langtok", "tgt", "--decoder-langtok",
-             "--langs", ",".join(LANGS), "--lang-pairs", ",".join(PAIRS), "--cpu"]
+             "--langs", ",".join(langs), "--lang-pairs", ",".join(pairs), "--cpu"]
+    if getattr(args, "max_target_positions", None):
+        shape += ["--max-target-positions", args.max_target_positions]
     if routing is None:  # fairseq's own model and task: no plugin code on the dense path
         argv = [data, "--task", "translation_multi_simple_epoch", "--arch", "transformer"]
     else:

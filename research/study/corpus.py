@@ -7,12 +7,15 @@ the test references of each direction and how a direction's BLEU is tokenized.
   fairseq_taskmoe.langid).
 - lohelp: English and the languages of work/lohelp (scripts/prepare_lohelp.py,
   docs/corpus-lohelp.md), read from its bin/langs.txt and bin/pairs.txt: the en<->X directions
-  (28 for the 14 languages), no zero-shot test sets yet. Test sets differ per pair (712-1,744
+  (28 for the 14 languages); the study evaluates no zero-shot direction (the many-way test set,
+  text/test.many.tsv, gives X-Y references: read_many_way, many_way_pair, used by
+  research.pivot_eval --corpus lohelp). Test sets differ per pair (712-1,744
   paragraphs); the study translates a seeded sample of at most --test-cap of them per pair (the
   same paragraphs for en-X and X-en), written as a capped copy of the test binaries and their
   references (build_capped_test). BLEU uses sacreBLEU's "zh" tokenizer for Chinese and
-  "ja-mecab" for Japanese (sacrebleu[ja]); chrF is reported for every direction. The language
-  detector covers only en, de, fr and cs, so there are no off-target rates.
+  "ja-mecab" for Japanese (sacrebleu[ja]); chrF is reported for every direction. The study's
+  evaluation uses the stop-word detector (en, de, fr and cs only), so it has no off-target rates
+  here; research.pivot_eval uses py3langid (fairseq_taskmoe.langid.detector_for).
 """
 
 import fcntl
@@ -29,6 +32,7 @@ CORPORA = ("multi30k", "lohelp")
 LOHELP_DIR = REPO / "work" / "lohelp"  # scripts/prepare_lohelp.py's default --work-dir
 TEST_CAP, CAP_SEED = 500, 1  # lohelp: test paragraphs per direction, the sample's seed
 WELL_COVERED = 0.90  # a language translating at least this share of the English is well covered
+MANY_WAY = "test.many.tsv"  # the many-way test set in LoHelp's text/ (prepare_lohelp.py)
 BLEU_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab"}  # sacreBLEU tokenizer per target; else 13a
 LANGID_LANGS = {"en", "de", "fr", "cs"}  # what fairseq_taskmoe.langid knows
 
@@ -183,6 +187,31 @@ def lohelp_reference(text_dir: Path, pair: str) -> Path:
         raise ValueError(f"{pair}: LoHelp has test sets for en-X and X-en only")
     other = tgt if src == "en" else src
     return Path(text_dir) / f"test.en-{other}.{tgt}"
+
+
+def read_many_way(text_dir: Path):
+    """{language: its column} of LoHelp's many-way test set <text_dir>/test.many.tsv
+    (scripts/prepare_lohelp.py: one row per test paragraph, English and every language's
+    translation, "" where a language's pair dropped it), English included."""
+    path = Path(text_dir) / MANY_WAY
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run scripts/prepare_lohelp.py (make "
+                                "lohelp) again, which adds it to a prepared corpus in a minute")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    cells = [line.split("\t") for line in lines[1:]]
+    return {lang: [c[i] for c in cells] for i, lang in enumerate(header) if i >= 2}
+
+
+def many_way_pair(columns, src: str, tgt: str):
+    """(sources, references) of direction src-tgt in the many-way test set (read_many_way): the
+    paragraphs translated into both, in page order. en-X gives test.en-X's lines."""
+    for lang in (src, tgt):
+        if lang not in columns:
+            raise ValueError(f"{lang} is not a language of the many-way test set "
+                             f"({', '.join(columns)})")
+    rows = [i for i, (a, b) in enumerate(zip(columns[src], columns[tgt])) if a and b]
+    return [columns[src][i] for i in rows], [columns[tgt][i] for i in rows]
 
 
 def sample_indices(n: int, cap, seed: int = CAP_SEED):

@@ -266,3 +266,40 @@ def test_lohelp_page_stub_and_results(tmp_path):
     assert "`token_token-s1` | token / token | 1 | not yet run" in md
     for absent in ("None", "nan", "TODO"):
         assert absent not in md, absent
+
+
+def fake_pivot_record():
+    rows = [{"pair": p, "via": "en", "sentences": 500,
+             "pivot": {"bleu": 20.0 + i, "chrf": 45.0, "off_target": 0.002},
+             "zero_shot": {"bleu": 4.0, "chrf": 20.0, "off_target": 0.3}}
+            for i, p in enumerate(["de-zh", "zh-ja", "ja-de"])]
+    return {"name": many.PIVOT_NAME, "checkpoint": "ckpt.pt", "backend": "ctranslate2",
+            "quantization": "int8", "beam": 5, "directions": rows,
+            "average": {"pivot": {"bleu": 21.0, "chrf": 45.0, "off_target": 0.002},
+                        "zero_shot": {"bleu": 4.0, "chrf": 20.0, "off_target": 0.3}}}
+
+
+def test_lohelp_page_pivot_section(tmp_path):
+    """Pairs nobody trained: the command while pending, the figures once pivot_eval ran."""
+    results = tmp_path / "r"
+    results.mkdir()
+    out = tmp_path / "docs" / "results-many.md"
+    assert page.main(["--corpus", "lohelp", "--results", str(results), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "## Pairs nobody trained: pivot vs zero-shot" in md
+    assert "**Pending the trained model**" in md and "make pivot-lohelp" in md
+    assert "research.pivot_eval --corpus lohelp" in md and "de-fr, fr-cs" in md
+    (tmp_path / f"pivot_eval-{many.PIVOT_NAME}.json").write_text(json.dumps(fake_pivot_record()))
+    (tmp_path / "langid-lohelp.json").write_text(json.dumps(
+        {"languages": {"en": {"restricted": {"accuracy": 0.993}},
+                       "ja": {"restricted": {"accuracy": 0.994}}},
+         "mean": {"restricted": 0.9934}}))
+    (results / "dense-s1.json").write_text(json.dumps(fake_lohelp_result("dense-s1", "dense",
+                                                                         10.0)))
+    assert page.main(["--corpus", "lohelp", "--results", str(results), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "Pending the trained model" not in md
+    assert "| zh-ja | 500 | 21.0 | 45.0 | 0.2% | 4.0 | 20.0 | 30.0% |" in md
+    assert "Pivot minus zero-shot: +17.0 average BLEU (goal: at least +5.0, met)" in md
+    assert "off-target through the pivot 0.2% (goal: at most 1%, met)" in md
+    assert "99.3% to 99.4% per language, mean 99.3%" in md

@@ -2,6 +2,7 @@
 docs/results-many.md): from the study-lohelp results JSONs only; before any run has finished it
 is the stub that says how the page will be produced."""
 
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +20,16 @@ COMMANDS = """```bash
 .venv/bin/python -m research.study --corpus lohelp --only dense,token_token,target_target
 .venv/bin/python -m research.study --corpus lohelp --only lang_pair_lang_pair
 .venv/bin/python -m research.study.report --corpus lohelp     # this page
+```"""
+
+
+PIVOT_NAME = "lohelp-target_target-s1"  # make pivot-lohelp: results/pivot_eval-NAME.json
+PIVOT_COMMAND = """```bash
+make pivot-lohelp   # after target_target-s1 has trained; the same as:
+.venv/bin/python -m research.pivot_eval --corpus lohelp \\
+  work/study-lohelp/runs/target_target-s1/checkpoints/checkpoint_last.pt \\
+  --name lohelp-target_target-s1
+.venv/bin/python -m research.langid_eval   # the detector's accuracy (= make langid-lohelp)
 ```"""
 
 
@@ -40,7 +51,7 @@ def recipe():
                 f"{VARIANTS[v]['label']} (`{name}`)" for name, v, _s in runs("lohelp")) + ".")
 
 
-def stub():
+def stub(pivot_section=""):
     n = len(lohelp_corpus().trained)
     rows = [[f"`{name}`", VARIANTS[v]["label"], seed, "not yet run"]
             for name, v, seed in runs("lohelp")]
@@ -52,7 +63,7 @@ def stub():
         "and, for task-routed models, prunes the model for every direction and translates the "
         "same sample again, checking the hypotheses are identical.",
         "## Runs\n\n" + table(["run", "encoder / decoder routing", "seed", "state"], rows),
-        "## Recipe\n\n" + recipe(),
+        "## Recipe\n\n" + recipe(), *([pivot_section] if pivot_section else []),
         "## How this page is produced\n\nRuns resume where a stop left them: run the same "
         "command again. The page is rewritten from the finished runs' JSONs:\n\n" + COMMANDS])
 
@@ -215,9 +226,72 @@ def section_commands(results):
     return "\n".join(lines)
 
 
-def render(results, out_dir: Path) -> str:
+def section_pivot(pivot=None, langid=None):
+    """Pairs nobody trained: research.pivot_eval's record of the target / target model (None:
+    not run yet) and research.langid_eval's (None: not run yet)."""
+    from research.pivot_eval import ring
+
+    langs = lohelp_corpus().langs
+    ring_directions = ring(langs)
+    sizes = REPO / "results" / "lohelp" / "test_many.json"  # scripts/prepare_lohelp.py's
+    counts = (list(json.loads(sizes.read_text())["directions"].values()) if sizes.exists()
+              else [])
+    lines = ["## Pairs nobody trained: pivot vs zero-shot", "",
+             "LoHelp's test sets are many-way parallel (`text/test.many.tsv` of the corpus: a "
+             "test paragraph's translations aligned by help page and paragraph id), so the X-Y "
+             "directions nobody trained have references: the test paragraphs translated into "
+             "both X and Y" + (f", {min(counts):,} to {max(counts):,} per direction "
+                               "([test_many.md](../results/lohelp/test_many.md))"
+                               if counts else "") + ". "
+             "`research.pivot_eval --corpus lohelp` translates a seeded sample of at most "
+             f"{TEST_CAP} of them (the study's seed) through the service's own routes, as "
+             "`taskmoe-serve` serves them: through English (`--pivot auto`, two trained legs) "
+             "and direct zero-shot (`--pivot none`). Directions: the ring of the "
+             f"{len(ring_directions)} non-English languages in the corpus's order "
+             f"({', '.join(ring_directions)}), every language once as source and once as "
+             "target. BLEU with sacreBLEU's zh and ja-mecab tokenizers into Chinese and "
+             "Japanese (13a otherwise), chrF, and the off-target rate: hypotheses that "
+             f"py3langid, restricted to the corpus's {len(langs)} languages, detects as another "
+             "language than the target."]
+    if langid:
+        acc = [r["restricted"]["accuracy"] for r in langid["languages"].values()]
+        lines += ["", f"The detector's accuracy on the references "
+                  f"([langid-lohelp.md](../results/langid-lohelp.md)): {min(acc):.1%} to "
+                  f"{max(acc):.1%} per language, mean {langid['mean']['restricted']:.1%}; an "
+                  "off-target rate under about 1% is within its error."]
+    if not pivot:
+        return "\n".join(lines + ["", "**Pending the trained model**: no figures until the "
+                                   "target / target run (`target_target-s1`) has finished "
+                                   "training. Then one command writes them (to the results "
+                                   f"folder, as pivot_eval-{PIVOT_NAME}.md and .json):",
+                                   "", PIVOT_COMMAND])
+    rows = [[d["pair"], d["sentences"], fmt(d["pivot"]["bleu"]), fmt(d["pivot"]["chrf"]),
+             fmt(d["pivot"]["off_target"], pct=True), fmt(d["zero_shot"]["bleu"]),
+             fmt(d["zero_shot"]["chrf"]), fmt(d["zero_shot"]["off_target"], pct=True)]
+            for d in pivot["directions"]]
+    a = pivot["average"]
+    rows.append(["**average**", "", fmt(a["pivot"]["bleu"]), fmt(a["pivot"]["chrf"]),
+                 fmt(a["pivot"]["off_target"], pct=True), fmt(a["zero_shot"]["bleu"]),
+                 fmt(a["zero_shot"]["chrf"]), fmt(a["zero_shot"]["off_target"], pct=True)])
+    lines += ["", f"Checkpoint `{pivot['checkpoint']}`, backend {pivot['backend']} "
+              f"({pivot['quantization']}), beam {pivot['beam']}, "
+              f"[pivot_eval-{pivot['name']}.md](../results/pivot_eval-{pivot['name']}.md):", "",
+              table(["direction", "paragraphs", "pivot BLEU", "pivot chrF", "pivot off-target",
+                     "zero-shot BLEU", "zero-shot chrF", "zero-shot off-target"], rows)]
+    if a["pivot"]["bleu"] is not None and a["zero_shot"]["bleu"] is not None:
+        gap = a["pivot"]["bleu"] - a["zero_shot"]["bleu"]
+        lines += ["", f"Pivot minus zero-shot: {gap:+.1f} average BLEU (goal: at least +5.0, "
+                  f"{'met' if gap >= 5 else 'missed'}); off-target through the pivot "
+                  f"{a['pivot']['off_target']:.1%} (goal: at most 1%, "
+                  f"{'met' if a['pivot']['off_target'] <= 0.01 else 'missed'})."]
+    return "\n".join(lines + ["", PIVOT_COMMAND])
+
+
+def render(results, out_dir: Path, pivot=None, langid=None) -> str:
+    """The page; pivot, langid: the records of research.pivot_eval (PIVOT_NAME) and
+    research.langid_eval, or None."""
     if not results:
-        return stub() + "\n"
+        return stub(section_pivot(pivot, langid)) + "\n"
     order = {name: i for i, (name, _v, _s) in enumerate(runs("lohelp"))}
     results = dict(sorted(results.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
     parts = [head(), section_setup(results), section_status(results),
@@ -226,5 +300,6 @@ def render(results, out_dir: Path) -> str:
              section_directions(results, "bleu", "sacreBLEU per direction"),
              section_directions(results, "chrf", "chrF per direction"),
              section_nfkc(results), section_pruning(results),
-             section_heatmaps(results, out_dir), section_commands(results)]
+             section_heatmaps(results, out_dir), section_pivot(pivot, langid),
+             section_commands(results)]
     return "\n\n".join(p for p in parts if p) + "\n"

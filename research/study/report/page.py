@@ -1,6 +1,7 @@
 """The page: every section in order, written atomically to docs/results.md (or --out)."""
 
 import argparse
+import json
 from pathlib import Path
 
 import research.study.report
@@ -63,8 +64,12 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(Path(args.results))
     if lohelp:
+        # research.pivot_eval's and research.langid_eval's records, beside the runs' folder
+        found = [Path(args.results).parent / name for name in
+                 (f"pivot_eval-{many.PIVOT_NAME}.json", "langid-lohelp.json")]
+        pivot, langid = (json.loads(p.read_text()) if p.exists() else None for p in found)
         with atomic_file(str(out), "w") as f:
-            f.write(many.render(results, out.parent))
+            f.write(many.render(results, out.parent, pivot, langid))
         print(f"wrote {out} ({len(results)} of {len(runs('lohelp'))} LoHelp runs finished)")
         return 0
     with atomic_file(str(out), "w") as f:
