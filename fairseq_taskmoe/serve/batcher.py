@@ -12,9 +12,9 @@ threads each takes (`Registry.call_shape`: CTranslate2 runs `threads` calls of o
 its inter_threads; fairseq one call of `threads` torch threads). A sub-network gets that many
 workers, and a worker starts a call only when the budget has the call's threads free, so a hot
 pair uses every core while the others are quiet, and many busy pairs never run more than
-`threads` engine threads together. When other workers of the same sub-network are idle and
-threads are free, the waiting sentences are shared out among them (two calls of 32 on two cores
-instead of one of 64 on one). A job larger than that is translated over several calls: after each of its
+`threads` engine threads together. A sub-network with several workers shares what waits
+among them (two calls of 32 side by side, not one of 64 on one core while the other core
+translates the stragglers one by one). A job larger than `max_batch_tokens` is translated over several calls: after each of its
 chunks it waits behind every job that has not had a turn yet, so a one-sentence request that
 arrives meanwhile is in the very next call instead of waiting for the whole large job (new jobs
 first, then round robin between the large ones). A job's
@@ -277,14 +277,15 @@ class Batcher:
             return chunks
 
     def _share(self, queue: _Queue, key: str, cost: int) -> int:
-        """Source tokens this call may take: `max_batch_tokens`, or when other workers of
-        `key` are idle and the budget lets them start too, an even share of what waits, so
-        that the calls run side by side (under the lock)."""
-        helpers = min(self._idle[key], self._free // cost) if self.cross_request else 0
-        if helpers == 0:
+        """Source tokens this call may take: `max_batch_tokens`, or when `key` has other
+        workers, an even share of what waits, so that the calls run side by side: the idle
+        ones start now, a busy one takes its share when its call ends (taking everything
+        would leave it small calls of what arrives meanwhile, one core doing the bulk)."""
+        others = self._shapes[key][0] - 1 if self.cross_request else 0
+        if others == 0:
             return self.max_batch_tokens
         waiting = sum(j.tokens_left for j in queue)
-        return max(1, min(self.max_batch_tokens, -(-waiting // (helpers + 1))))
+        return max(1, min(self.max_batch_tokens, -(-waiting // (others + 1))))
 
     def _release(self, cost: int):
         """A call's threads go back to the budget; a worker of every sub-network with work
