@@ -127,6 +127,19 @@ bench-serve-many: $(STAMP)
 	  "train.done.json): run \`make study-lohelp\` first"; exit 1; }; done
 	$(PY) -m research.bench.serve_many $(ARGS)
 
+# The upcycling study (issue 28; docs/results-upcycle.md): the study's dense-s1 (reused from
+# work/study when trained with its CPU seconds recorded), taskmoe-upcycle of it to target / target
+# (2 seeds) and token / token, the dense model continued (2 seeds), all M = 500 more updates
+# (ARGS="--upcycle-updates N"), and target / target from scratch for 1,000 + M: about 2.5 h of
+# training and 1.5 h of evaluation on 2 idle cores (estimated from the study's timings),
+# resumable like `make study`: results/upcycle/*.json. The page and its figure from them:
+# make study-upcycle-report.
+.PHONY: study-upcycle study-upcycle-report
+study-upcycle: $(STAMP)
+	$(PY) -m research.upcycle_study $(ARGS)
+study-upcycle-report: $(STAMP)
+	$(PY) -m research.upcycle_study.report $(ARGS)
+
 # LoHelp, a many-way parallel corpus from LibreOffice's translated help (docs/corpus-lohelp.md):
 # Debian's libreoffice-help-* packages (apt-get download) -> work/lohelp/bin for en<->13
 # languages, and its table results/lohelp/corpus.md. ARGS passes flags on (e.g. --langs).

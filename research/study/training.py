@@ -1,7 +1,13 @@
 """Training a study run: fairseq-train to --max-update in a child process, resumed from
 checkpoint_last.pt (repaired first if a kill truncated it), progress streamed to our log and the
 run's train.log; train.done.json records what was trained. Killing the runner (SIGTERM, or
-SIGKILL on Linux) stops the child; its checkpoint_last.pt survives for the next sitting."""
+SIGKILL on Linux) stops the child; its checkpoint_last.pt survives for the next sitting.
+
+Compute is recorded as it goes (ComputeLedger, the run's compute.json): at every checkpoint
+save, the child's CPU seconds (user + system, all its threads, read from /proc) and wall seconds
+since it started, added to what the checkpoint it resumed from had cost. A checkpoint's figure
+is therefore the compute that produced it: work lost to a kill after the last save is not
+counted (it is done again), each sitting's start-up is."""
 
 import os
 import re
@@ -11,12 +17,15 @@ import time
 from pathlib import Path
 
 from research.common import REPO, hms, logger, read_json, show, write_json
+from research.study.corpus import MULTI30K
 from research.study.grid import train_command
 
 log = logger("study")
 # the fairseq process running now: fairseq-train here, the teacher's fairseq-generate in
 # research.distill (which sets it too); SIGTERM on the runner stops it
 _CHILD = None
+SAVED = re.compile(r"Saved checkpoint (\S+) \(epoch \d+ @ (\d+) updates")
+LOADED = re.compile(r"[Ll]oaded checkpoint .*@ (\d+) updates")
 
 
 def _terminate_child(signum, _frame):
@@ -41,22 +50,76 @@ def _die_with_parent():
         pass
 
 
+def process_cpu_seconds(pid: int):
+    """User + system CPU seconds of a live process, every thread, plus its waited-for children
+    (/proc/PID/stat utime, stime, cutime, cstime); None where /proc cannot tell."""
+    try:
+        # fields after the command name, which may hold spaces: field 3 (state) is index 0
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ComputeLedger:
+    """compute.json of a run: {"checkpoints": {update: {"cpu_seconds", "wall_seconds"}},
+    "sittings": [...]}, the compute that produced each saved checkpoint (cumulative over the
+    sittings that led to it) and one entry per fairseq-train process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = read_json(path) if path.exists() else {"checkpoints": {}, "sittings": []}
+
+    def at(self, update: int):
+        """{"cpu_seconds", "wall_seconds"} of the checkpoint at `update`; zero at update 0;
+        None when not recorded (saved by a process that kept no ledger)."""
+        if update == 0:
+            return {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+        return self.data["checkpoints"].get(str(update))
+
+    def record(self, update: int, cpu_seconds: float, wall_seconds: float):
+        self.data["checkpoints"][str(update)] = {"cpu_seconds": round(cpu_seconds, 1),
+                                                 "wall_seconds": round(wall_seconds, 1)}
+        write_json(self.path, self.data)
+
+    def sitting(self, entry: dict):
+        self.data["sittings"].append(entry)
+        write_json(self.path, self.data)
+
+
 def train(args, data: Path, run_dir: Path, variant: str, seed: int, prefix: str):
     """fairseq-train to --max-update (resuming from checkpoint_last.pt), streaming progress."""
+    corpus = getattr(args, "corpus_spec", None) or MULTI30K  # research.distill's args have none
+    cmd = train_command(data, variant, seed, run_dir / "checkpoints", args.max_update,
+                        args.save_interval, args.preset, corpus.langs, corpus.trained)
+    fairseq_train(cmd, run_dir, args.max_update, prefix)
+    return cmd
+
+
+def fairseq_train(cmd, run_dir: Path, max_update: int, prefix: str, on_save=None):
+    """Run a fairseq-train command whose --save-dir is run_dir/checkpoints to max_update,
+    resuming from its checkpoint_last.pt; skipped when train.done.json records max_update.
+    on_save(update, path) is called at every checkpoint fairseq saves (path: the first file it
+    names, e.g. checkpoint_1_200.pt), after the ledger has recorded it. Returns the
+    train.done.json record: max_update, num_updates, training_seconds (fairseq's own clock,
+    which a --finetune-from-model run inherits from its initial checkpoint), and cpu_seconds /
+    wall_seconds from the ledger (None when a sitting resumed from a checkpoint it has no
+    record of)."""
     global _CHILD
     save_dir = run_dir / "checkpoints"
     done = run_dir / "train.done.json"
-    corpus = args.corpus_spec
-    cmd = train_command(data, variant, seed, save_dir, args.max_update, args.save_interval,
-                        args.preset, corpus.langs, corpus.trained)
-    if done.exists() and read_json(done).get("max_update") == args.max_update:
-        return cmd
+    if done.exists() and read_json(done).get("max_update") == max_update:
+        return read_json(done)
     save_dir.mkdir(parents=True, exist_ok=True)
     repair_last_checkpoint(save_dir, prefix)
     resumed = (save_dir / "checkpoint_last.pt").exists()
-    log(f"{prefix}: train to {args.max_update} updates"
+    log(f"{prefix}: train to {max_update} updates"
         + (" (resuming from checkpoint_last.pt)" if resumed else "") + f"; log {run_dir}/train.log")
-    start, start_update, tail = time.time(), None, []
+    ledger = ComputeLedger(run_dir / "compute.json")
+    # a fresh start (or --finetune-from-model's) costs nothing before it; a resumed one what
+    # its checkpoint cost, read when fairseq says which update it loaded
+    base = None if resumed else ledger.at(0)
+    start, start_update, tail, last_saved = time.time(), None, [], None
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     # the log is appended to across sittings, so it tells the whole story of a resumed run
     with open(run_dir / "train.log", "a") as logf:
@@ -68,13 +131,27 @@ def train(args, data: Path, run_dir: Path, variant: str, seed: int, prefix: str)
             logf.write(line)
             logf.flush()
             tail = (tail + [line])[-30:]
-            loaded = re.search(r"[Ll]oaded checkpoint .*@ (\d+) updates", line)
+            loaded = LOADED.search(line)
             if loaded:
                 start_update = int(loaded.group(1))
-                log(f"{prefix}: resumed at update {start_update}")
-            saved = re.search(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates", line)
+                if resumed:
+                    base = ledger.at(start_update)
+                    log(f"{prefix}: resumed at update {start_update}" + (
+                        "" if base is not None else
+                        "; its compute is not in the ledger: CPU seconds will be unknown"))
+                else:  # --finetune-from-model's checkpoint: a fresh start from its weights
+                    log(f"{prefix}: started from the weights of the initial checkpoint")
+            saved = SAVED.search(line)
             if saved:
-                log(f"{prefix}: checkpoint saved at update {saved.group(1)}")
+                update = int(saved.group(2))
+                cpu = process_cpu_seconds(_CHILD.pid)
+                if base is not None and cpu is not None:
+                    ledger.record(update, base["cpu_seconds"] + cpu,
+                                  base["wall_seconds"] + time.time() - start)
+                last_saved = update
+                log(f"{prefix}: checkpoint saved at update {update}")
+                if on_save is not None:
+                    on_save(update, Path(saved.group(1)))
             if "| train_inner |" in line:
                 upd = re.search(r"num_updates=(\d+)", line)
                 loss = re.search(r"\bloss=([\d.]+)", line)
@@ -85,23 +162,30 @@ def train(args, data: Path, run_dir: Path, variant: str, seed: int, prefix: str)
                     start_update = 0
                 elapsed = time.time() - start
                 rate = (updates - start_update) / max(elapsed, 1e-9)
-                eta = (args.max_update - updates) / rate if rate > 0 else float("nan")
-                log(f"{prefix}: update {updates}/{args.max_update} loss "
+                eta = (max_update - updates) / rate if rate > 0 else float("nan")
+                log(f"{prefix}: update {updates}/{max_update} loss "
                     f"{loss.group(1) if loss else '?'} | {hms(elapsed)} this sitting, "
                     f"ETA {hms(eta) if eta == eta else '?'}")
         rc = _CHILD.wait()
         _CHILD = None
+    ledger.sitting({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+                    "from_update": start_update or 0, "last_saved_update": last_saved,
+                    "exit_code": rc, "wall_seconds": round(time.time() - start, 1),
+                    "omp_num_threads": env.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+                    "compute_known": base is not None})
     if rc != 0:
         raise RuntimeError(f"fairseq-train failed (exit {rc}); last lines:\n" + "".join(tail))
     for interval in save_dir.glob("checkpoint_*_*.pt"):  # checkpoint_last.pt is what we use
         interval.unlink()
     state = checkpoint_extra(save_dir / "checkpoint_last.pt")
-    write_json(done, {"max_update": args.max_update, **state})
+    spent = ledger.at(state["num_updates"]) or {"cpu_seconds": None, "wall_seconds": None}
+    record = {"max_update": max_update, **state, **spent}
+    write_json(done, record)
     log(f"{prefix}: trained, {state['num_updates']} updates, "
-        f"{hms(state['training_seconds'])} of training in total")
-    return cmd
-
-
+        f"{hms(state['training_seconds'])} of training in total"
+        + (f", {spent['cpu_seconds']:,.0f} CPU seconds" if spent["cpu_seconds"] is not None
+           else ""))
+    return record
 def repair_last_checkpoint(save_dir: Path, prefix: str):
     """fairseq writes checkpoint_N_M.pt atomically but then *copies* it to checkpoint_last.pt;
     a kill during that copy leaves a truncated checkpoint_last.pt that fairseq cannot resume
