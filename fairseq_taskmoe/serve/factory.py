@@ -44,12 +44,18 @@ def default_threads(engine: str = "embedded", replicas: int = 1) -> int:
     return max(1, cores // replicas) if engine == "ray" else cores
 
 
+def resolve_threads(args) -> int:
+    """--threads, filled in when not given (default_threads for the engine and replicas)."""
+    if args.threads is None:
+        args.threads = default_threads(getattr(args, "engine", "embedded"),
+                                       getattr(args, "replicas", 1) or 1)
+    return args.threads
+
+
 def check(args):
     """The options alone (before anything is read): ConfigError on the first bad one. Fills
-    in --threads when not given (default_threads)."""
-    if args.threads is None:
-        engine = getattr(args, "engine", "embedded")
-        args.threads = default_threads(engine, getattr(args, "replicas", 1) or 1)
+    in --threads when not given (resolve_threads)."""
+    resolve_threads(args)
     if not os.path.isdir(args.data):
         raise ConfigError(f"--data {args.data} is not a folder")
     if args.spm_model and not os.path.isfile(args.spm_model):

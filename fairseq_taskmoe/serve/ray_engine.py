@@ -69,7 +69,7 @@ from starlette.routing import Match
 
 from .app import create_app
 from .batcher import Batcher, Closed, Job, QueueFull
-from .factory import batcher_options, make_service
+from .factory import batcher_options, make_service, resolve_threads
 from .fleet import Fleet, snapshot
 from .registry import Unavailable
 
@@ -339,7 +339,7 @@ def translator_deployment(args):
 
     return serve.deployment(
         name="Translator", num_replicas=args.replicas, **translator_options(args),
-        ray_actor_options={"num_cpus": args.threads}, health_check_period_s=2.0,
+        ray_actor_options={"num_cpus": resolve_threads(args)}, health_check_period_s=2.0,
         graceful_shutdown_timeout_s=args.timeout + 5,
         logging_config=LOGGING)(serve.ingress()(Translator))
 

@@ -236,10 +236,26 @@ def build_capped_test(bin_dir: Path, text_dir: Path, out: Path, directions, cap,
         return _build_capped_test(bin_dir, text_dir, out_bin, out_text, directions, cap, seed)
 
 
+def subset_binarized(src_bin: Path, out_bin: Path, prefix: str, keep, expected: int, what: str):
+    """Write the items `keep` (indices) of fairseq's binarized `src_bin/prefix` as
+    `out_bin/prefix` (.bin/.idx, each moved into place whole); RuntimeError unless the source
+    has `expected` items (`what` says what they must match)."""
+    from fairseq.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
+
+    data = MMapIndexedDataset(str(src_bin / prefix))
+    if len(data) != expected:
+        raise RuntimeError(f"{src_bin}/{prefix}: {len(data)} items for {expected} {what}")
+    tmp = out_bin / f"{prefix}.tmp"
+    builder = MMapIndexedDatasetBuilder(f"{tmp}.bin", dtype=data._index.dtype)
+    for i in keep:
+        builder.add_item(data[i])
+    builder.finalize(f"{tmp}.idx")
+    for ext in ("bin", "idx"):
+        Path(f"{tmp}.{ext}").replace(out_bin / f"{prefix}.{ext}")
+
+
 def _build_capped_test(bin_dir, text_dir, out_bin, out_text, directions, cap, seed):
     import json
-
-    from fairseq.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 
     from fairseq_taskmoe.atomic import atomic_file
 
@@ -262,18 +278,8 @@ def _build_capped_test(bin_dir, text_dir, out_bin, out_text, directions, cap, se
         keep = sample_indices(len(refs), cap, seed)
         for lang in pair.split("-"):
             prefix = f"test.{pair}.{lang}"
-            data = MMapIndexedDataset(str(Path(bin_dir) / prefix))
-            if len(data) != len(refs):
-                raise RuntimeError(f"{bin_dir}/{prefix}: {len(data)} items for {len(refs)} "
-                                   f"reference lines of {pair}")
-            tmp = out_bin / f"{prefix}.tmp"
-            builder = MMapIndexedDatasetBuilder(f"{tmp}.bin", dtype=data._index.dtype)
-            for i in keep:
-                builder.add_item(data[i])
-            builder.finalize(f"{tmp}.idx")
-            for ext in ("bin", "idx"):
-                Path(f"{tmp}.{ext}").replace(out_bin / f"{prefix}.{ext}")
-            del data, builder
+            subset_binarized(Path(bin_dir), out_bin, prefix, keep, len(refs),
+                             f"reference lines of {pair}")
         with atomic_file(str(out_text / f"test.{pair}.{pair.split('-')[1]}"), "w") as f:
             f.write("".join(refs[i] + "\n" for i in keep))
         sentences[pair] = len(keep)

@@ -171,6 +171,7 @@ def test_tables_and_markdown():
             "of it, 10 MB over") in text
 
 
+@pytest.mark.slow  # three real servers started one after another: about a minute idle, two loaded
 def test_tiny_real_run(tmp_path):
     """A random-weight task-MoE of five languages (en<->de, fr, cs, el trained) and its
     token-MoE, real servers: the cache built, two pivots, three servers one after the other,
