@@ -311,3 +311,32 @@ def test_taskmoe_serve_refuses_a_malformed_keys_file_with_exit_2(tmp_path, capsy
         make_service(args)
     assert exit_.value.code == 2
     assert "--api-keys: " in capsys.readouterr().err
+
+
+def test_a_client_gone_while_its_body_is_read_is_logged_499_without_a_traceback(caplog):
+    """Starlette raises ClientDisconnect when the body is read after the client went away: the
+    access middleware counts it as 499 and sends nothing (no 500, no traceback)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from fairseq_taskmoe.serve.app import AccessLog
+    from fairseq_taskmoe.serve.metrics import Metrics
+
+    async def app(scope, receive, send):
+        raise ClientDisconnect()
+
+    sent, metrics = [], Metrics()
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/translate"}
+    with caplog.at_level("INFO", logger="taskmoe.serve.access"):
+        asyncio.run(AccessLog(app, metrics, timeout=5.0)(scope, receive, send))
+    assert sent == []
+    assert 'unhandled' not in caplog.text and '"status": 499' in caplog.text
+    assert metrics.requests.labels("unmatched", "499", "-")._value.get() == 1

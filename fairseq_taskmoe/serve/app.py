@@ -28,6 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .batcher import Closed, QueueFull
 from .keys import KeyGuard
@@ -242,6 +243,8 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except ClientDisconnect:  # gone while its body was read: nobody to answer, no traceback
+            status = status or 499
         except Exception:
             access_log.exception("unhandled error on %s", scope.get("path"))
             if status is None:
