@@ -254,6 +254,20 @@ def subset_binarized(src_bin: Path, out_bin: Path, prefix: str, keep, expected: 
         Path(f"{tmp}.{ext}").replace(out_bin / f"{prefix}.{ext}")
 
 
+def sentences_if_built(done: Path, want: dict):
+    """The sentence counts a capped test folder's `.done` records when it was built with
+    `want` (cap, seed, directions); else None, and a `.done` of other settings is removed (the
+    folder is rebuilt whole)."""
+    import json
+
+    if done.exists():
+        got = json.loads(done.read_text())
+        if {k: got.get(k) for k in want} == want:
+            return got["sentences"]
+        done.unlink()
+    return None
+
+
 def _build_capped_test(bin_dir, text_dir, out_bin, out_text, directions, cap, seed):
     import json
 
@@ -261,11 +275,9 @@ def _build_capped_test(bin_dir, text_dir, out_bin, out_text, directions, cap, se
 
     done = out_bin / ".done"
     want = {"cap": cap, "seed": seed, "directions": list(directions)}
-    if done.exists():
-        got = json.loads(done.read_text())
-        if {k: got.get(k) for k in want} == want:
-            return got["sentences"]
-        done.unlink()  # another cap: rebuilt whole
+    built = sentences_if_built(done, want)
+    if built is not None:
+        return built
     out_text.mkdir(parents=True, exist_ok=True)
     for d in Path(bin_dir).glob("dict.*.txt"):
         (out_bin / d.name).write_bytes(d.read_bytes())

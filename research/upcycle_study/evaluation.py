@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from research.common import parse_generate
-from research.study.corpus import subset_binarized
+from research.study.corpus import sentences_if_built, subset_binarized
 from research.study.evaluation import Timer, corpus_of, generate, prune_and_evaluate, score
 
 CURVE_CAP, SAMPLE_SEED = 200, 1  # the curves' test sentences per direction, the sample's seed
@@ -36,11 +36,9 @@ def build_sample(prep: Path, out: Path, langs, pairs, cap: int, seed: int = SAMP
     out_bin, out_text = Path(out) / "bin", Path(out) / "text"
     done = out_bin / ".done"
     want = {"cap": cap, "seed": seed, "pairs": list(pairs)}
-    if done.exists():
-        got = json.loads(done.read_text())
-        if {k: got.get(k) for k in want} == want:
-            return got["sentences"]
-        done.unlink()
+    built = sentences_if_built(done, want)
+    if built is not None:
+        return built
     out_bin.mkdir(parents=True, exist_ok=True)
     out_text.mkdir(parents=True, exist_ok=True)
     src_bin = Path(prep) / "bin"
