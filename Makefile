@@ -26,7 +26,7 @@ $(STAMP): setup.cfg setup.py Makefile
 	  $(PIP) install -q --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 	$(PIP) install -q $(FAIRSEQ_RUNTIME)
 	$(PIP) install -q --no-deps -e .
-	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu>=2.0" pytest ctranslate2 matplotlib
+	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu[ja]>=2.0" pytest ctranslate2 matplotlib  # [ja]: MeCab for BLEU into Japanese
 	$(PIP) install -q spacy  # the blank pipeline an Argos package ships (the argos extra)
 	$(PIP) install -q "py3langid>=0.4"  # language detection beyond en/de/fr/cs (the langid extra)
 	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx python-multipart psutil libretranslatepy sentencex
@@ -46,6 +46,22 @@ $(ARGOS_VENV)/.installed: Makefile
 	$(ARGOS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(ARGOS_VENV)/bin/python -m pip install -q $(TORCH)
 	$(ARGOS_VENV)/bin/python -m pip install -q argostranslate==1.11.0
+	touch $@
+
+# LibreTranslate 1.9.6 unchanged, in a virtualenv of its own (it pins its own dependencies,
+# argos-translate-lt among them): research/libretranslate.py starts it offline on our Argos
+# packages for tests/test_libretranslate.py (skipped without it), the compatibility matrix and
+# the benchmark. The pinned CPU torch goes in first (else stanza would pull a CUDA build); spaCy
+# because our packages split sentences with the blank spaCy pipeline they ship
+# (ARGOS_CHUNK_TYPE=SPACY): LibreTranslate's default splitter downloads its models.
+LT_VENV := .venv-lt
+.PHONY: lt-venv
+lt-venv: $(LT_VENV)/.installed
+$(LT_VENV)/.installed: Makefile
+	test -x $(LT_VENV)/bin/python || $(PYTHON) -m venv $(LT_VENV)
+	$(LT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LT_VENV)/bin/python -m pip install -q $(TORCH)
+	$(LT_VENV)/bin/python -m pip install -q libretranslate==1.9.6 spacy
 	touch $@
 
 # The web page's browser test (tests/test_serve_browser.py) drives Debian's Chromium; installed
@@ -149,11 +165,10 @@ lohelp: $(STAMP)
 # The routing study on LoHelp (after `make lohelp`; docs/measuring.md): dense, token / token,
 # target / target and lang-pair / lang-pair on the 28 en<->X directions, about 3 hours of
 # training each on 2 cores, resumable like `make study`: results/study-lohelp/*.json. Japanese
-# BLEU needs sacreBLEU's MeCab tokenizer (sacrebleu[ja]), installed here when missing.
+# BLEU uses sacreBLEU's MeCab tokenizer (sacrebleu[ja], in .venv).
 # ARGS passes flags on, e.g. make study-lohelp ARGS="--only dense,target_target".
 .PHONY: study-lohelp study-lohelp-report
 study-lohelp: $(STAMP)
-	$(PY) -c "import MeCab, ipadic" 2>/dev/null || $(PIP) install -q "sacrebleu[ja]"
 	$(PY) -m research.study --corpus lohelp $(ARGS)
 # docs/results-many.md from results/study-lohelp/*.json
 study-lohelp-report: $(STAMP)
@@ -169,7 +184,6 @@ LOHELP_TT := work/study-lohelp/runs/target_target-s1
 pivot-lohelp: $(STAMP)
 	@test -f $(LOHELP_TT)/train.done.json || { echo "make pivot-lohelp: $(LOHELP_TT) has not" \
 	  "finished training (no train.done.json): run \`make study-lohelp\` first"; exit 1; }
-	$(PY) -c "import MeCab, ipadic" 2>/dev/null || $(PIP) install -q "sacrebleu[ja]"
 	$(PY) -m research.pivot_eval --corpus lohelp $(LOHELP_TT)/checkpoints/checkpoint_last.pt \
 	  --name lohelp-target_target-s1 $(ARGS)
 langid-lohelp: $(STAMP)
