@@ -291,7 +291,7 @@ def test_html_text_nodes_count_against_the_batch_limit():
 
     service = service_on(RecordingEngine(), batch_limit=10)
     markup = "".join(f"<b>w{i}</b>" for i in range(30))
-    with pytest.raises(LimitExceeded, match=r"Request \(30 HTML text nodes\) exceeds text limit "
+    with pytest.raises(LimitExceeded, match=r"request \(30 HTML text nodes\) exceeds text limit "
                        r"\(10\)"):
         asyncio.run(service.translate([markup], "en", "de", fmt="html"))
     out, _, _ = asyncio.run(service.translate(["<p>The dog ran. The cat sat.</p> <i>e</i>"],

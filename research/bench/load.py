@@ -132,7 +132,10 @@ def serve_command(checkpoint, data, port: int, *extra) -> List[str]:
 
 
 class Server:
-    """A taskmoe-serve process: started, waited for (GET /health), measured (psutil), stopped."""
+    """A taskmoe-serve process: started, waited for (GET /health), measured (psutil), stopped.
+    (research/libretranslate.py's LibreTranslate is one too.)"""
+
+    has_batch_metrics = True  # /metrics counts engine calls (taskmoe_batch_requests)
 
     def __init__(self, argv: List[str], url: str, log_path: Path):
         self.argv, self.url, self.log_path = argv, url, log_path
@@ -371,10 +374,13 @@ def warm_up(server: Server, pairs: Sequence[tuple], sentences: Dict[str, List[st
 
 
 def measure(server: Server, items: Sequence[tuple], clients: int, timeout: float) -> dict:
-    before = batch_counts(server.url)
+    """run_load with the server's peak RSS, its RSS afterwards and, where its /metrics counts
+    engine calls (server.has_batch_metrics), the requests per engine call."""
+    before = batch_counts(server.url) if server.has_batch_metrics else None
     with server.peak_rss():
         result = run_load(server.url, items, clients, timeout)
-    result["requests_per_call"] = requests_per_call(before, batch_counts(server.url))
+    result["requests_per_call"] = (requests_per_call(before, batch_counts(server.url))
+                                   if server.has_batch_metrics else None)
     result["rss_mb"], result["peak_rss_mb"] = _mb(server.rss()), _mb(server.peak)
     return result
 

@@ -31,9 +31,10 @@ dense, token / token, target / target and lang-pair / lang-pair, one seed each, 
 (grid.PRESETS: the same backbone, the update count sized to about 3 hours on 2 cores), folders
 work/study-lohelp, results/study-lohelp, docs/img/study-lohelp. Each direction translates a
 seeded sample of at most --test-cap (500) of its pair's test paragraphs, full and pruned alike;
-BLEU uses sacreBLEU's zh and ja-mecab tokenizers for Chinese and Japanese, chrF everywhere; no
-off-target rates (the detector knows en, de, fr, cs only) and no zero-shot directions (no X-Y
-test sets yet). corpus.py says how.
+BLEU uses sacreBLEU's zh and ja-mecab tokenizers for Chinese and Japanese, chrF everywhere;
+off-target rates by py3langid restricted to the corpus's languages (fairseq_taskmoe.langid.
+detector_for); no zero-shot directions (research.pivot_eval compares them through the service).
+corpus.py says how.
 
     .venv/bin/python -m research.study --corpus lohelp --only dense,token_token,target_target
     .venv/bin/python -m research.study.report --corpus lohelp   # -> docs/results-many.md

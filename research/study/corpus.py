@@ -13,9 +13,9 @@ the test references of each direction and how a direction's BLEU is tokenized.
   paragraphs); the study translates a seeded sample of at most --test-cap of them per pair (the
   same paragraphs for en-X and X-en), written as a capped copy of the test binaries and their
   references (build_capped_test). BLEU uses sacreBLEU's "zh" tokenizer for Chinese and
-  "ja-mecab" for Japanese (sacrebleu[ja]); chrF is reported for every direction. The study's
-  evaluation uses the stop-word detector (en, de, fr and cs only), so it has no off-target rates
-  here; research.pivot_eval uses py3langid (fairseq_taskmoe.langid.detector_for).
+  "ja-mecab" for Japanese (sacrebleu[ja]); chrF is reported for every direction. Off-target
+  rates use Corpus.detector (fairseq_taskmoe.langid.detector_for: py3langid restricted to the
+  corpus's languages here, the stop-word detector for Multi30k), as research.pivot_eval does.
 """
 
 import fcntl
@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fairseq_taskmoe.langid import detector_for
 from research.common import LANGS, REPO
 from research.study.grid import TRAINED, ZERO_SHOT
 
@@ -34,7 +35,6 @@ TEST_CAP, CAP_SEED = 500, 1  # lohelp: test paragraphs per direction, the sample
 WELL_COVERED = 0.90  # a language translating at least this share of the English is well covered
 MANY_WAY = "test.many.tsv"  # the many-way test set in LoHelp's text/ (prepare_lohelp.py)
 BLEU_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab"}  # sacreBLEU tokenizer per target; else 13a
-LANGID_LANGS = {"en", "de", "fr", "cs"}  # what fairseq_taskmoe.langid knows
 
 
 @dataclass
@@ -53,8 +53,10 @@ class Corpus:
         return self.trained + self.zero_shot
 
     @property
-    def has_langid(self):
-        return set(self.langs) <= LANGID_LANGS
+    def detector(self):
+        """The language detector for off-target rates (fairseq_taskmoe.langid.detector_for):
+        the stop-word one for Multi30k's languages, py3langid restricted to LoHelp's."""
+        return detector_for(self.langs)
 
     def reference(self, prep: Path, pair: str) -> Path:
         """The reference file of `pair`'s test set under the evaluation folder `prep`."""

@@ -5,7 +5,8 @@ the run's results record. Every step is skipped when its output file exists.
 
 On LoHelp (--corpus lohelp): the capped test sets of research.study.corpus, BLEU with each
 target language's tokenizer (zh, ja-mecab, 13a) plus chrF, also against NFKC-normalised
-references where that changes them, no off-target rates, no zero-shot directions; averages over
+references where that changes them, off-target rates by py3langid (Corpus.detector), no
+zero-shot directions; averages over
 en->X, X->en and the well-covered and lower-coverage languages (Corpus.groups)."""
 
 import os
@@ -97,9 +98,9 @@ def score(hyps, prep: Path, pair: str, corpus=MULTI30K):
 def score_tokenized(hyps, ref_path: Path, pair: str, corpus):
     """score() for a corpus with per-direction references and per-language BLEU tokenizers
     (corpus.bleu_tokenizer: zh, ja-mecab, else 13a): BLEU (None where the tokenizer is not
-    installed), chrF, the tokenizer, sentence count, length ratio and runaway hypotheses
-    (measured in characters for zh and ja, which write no spaces), language shares only where
-    the detector knows the corpus's languages."""
+    installed), chrF, the tokenizer, sentence count, length ratio, runaway hypotheses
+    (measured in characters for zh and ja, which write no spaces) and language shares (on /
+    off target, undetected) by the corpus's detector."""
     from sacrebleu.metrics import BLEU, CHRF
 
     tgt = pair.split("-")[1]
@@ -112,8 +113,8 @@ def score_tokenized(hyps, ref_path: Path, pair: str, corpus):
     chrf_metric = CHRF()
     chrf = chrf_metric.corpus_score(hyp_list, ref_lists).score
     out = {"bleu": None, "chrf": round(chrf, 2), "bleu_tokenize": tok, "sentences": len(refs)}
-    if corpus.has_langid:
-        out.update({k: round(v, 4) for k, v in language_shares(hyp_list, tgt).items()})
+    out.update({k: round(v, 4)
+                for k, v in language_shares(hyp_list, tgt, corpus.detector).items()})
     sigs = {"bleu": None, "chrf": str(chrf_metric.get_signature())}
     if tok is not None:
         bleu_metric = BLEU(tokenize=tok)
@@ -210,7 +211,8 @@ def average(directions, names, key):
     vals = [directions[d][key] for d in names if d in directions]
     if None in vals:  # a direction without this score (BLEU without its tokenizer)
         return None
-    return round(sum(vals) / len(vals), 2) if vals and len(vals) == len(names) else None
+    digits = 4 if key == "off_target" else 2  # a share, not a score
+    return round(sum(vals) / len(vals), digits) if vals and len(vals) == len(names) else None
 
 
 def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
@@ -331,9 +333,11 @@ def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
             "well_covered": corpus.well_covered(), "lower_coverage": corpus.lower_coverage(),
             "bleu_tokenizers": {l: bleu_tokenizer(l) for l in corpus.langs},
             "evaluated_directions": args.directions}
-        langid = {"skipped": "fairseq_taskmoe.langid covers only en, de, fr and cs: no "
-                             f"off-target rates for {corpus.name}"}
-        averages = {name: {k: average(directions, names, k) for k in ("bleu", "chrf")}
+        langid = {"method": f"fairseq_taskmoe.langid.detector_for: {corpus.detector.method}, "
+                            f"restricted to the {len(corpus.langs)} languages",
+                  "accuracy_on_test_references": args.langid_accuracy}
+        averages = {name: {k: average(directions, names, k)
+                           for k in ("bleu", "chrf", "off_target")}
                     for name, names in corpus.groups().items()}
     else:
         data_record = {"train_lines_per_direction": args.train_size or "all (29,000)",

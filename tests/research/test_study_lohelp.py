@@ -54,7 +54,7 @@ def test_lohelp_corpus_groups_by_side_and_coverage(tmp_path):
     fake_lohelp(tmp_path)
     c = corpus.lohelp_corpus(tmp_path)
     assert (c.name, c.langs, c.trained, c.zero_shot) == ("lohelp", LANGS, PAIRS, [])
-    assert c.directions == PAIRS and not c.has_langid
+    assert c.directions == PAIRS and c.detector.method == "py3langid"
     assert c.well_covered() == ["de"] and c.lower_coverage() == ["zh", "ja"]
     g = c.groups()
     assert g["en_x"] == ["en-de", "en-zh", "en-ja"] and g["x_en"] == ["de-en", "zh-en", "ja-en"]
@@ -65,7 +65,8 @@ def test_lohelp_corpus_groups_by_side_and_coverage(tmp_path):
     default = corpus.lohelp_corpus(tmp_path / "missing")
     assert default.langs[0] == "en" and len(default.langs) == 15
     assert len(default.trained) == 28 and "en-fi" in default.trained and "fi-en" in default.trained
-    assert corpus.MULTI30K.directions == grid.DIRECTIONS and corpus.MULTI30K.has_langid
+    assert corpus.MULTI30K.directions == grid.DIRECTIONS
+    assert corpus.MULTI30K.detector.method == "stop-words"
 
 
 def test_references_per_pair(tmp_path):
@@ -137,7 +138,8 @@ def test_build_capped_test_keeps_binaries_and_references_aligned(tmp_path):
 # ---------------------------------------------------------------- scoring
 
 
-def test_score_uses_each_languages_tokenizer_and_no_langid(tmp_path, monkeypatch):
+def test_score_uses_each_languages_tokenizer_and_detector(tmp_path, monkeypatch):
+    pytest.importorskip("py3langid")
     fake_lohelp(tmp_path / "c")
     c = corpus.lohelp_corpus(tmp_path / "c")
     (tmp_path / "text").mkdir()
@@ -146,7 +148,7 @@ def test_score_uses_each_languages_tokenizer_and_no_langid(tmp_path, monkeypatch
     hyps = {0: "我们打开一个对话框,然后选择单元格。", 1: "这是一个测试。"}  # NFKC: ","
     got = evaluation.score(hyps, tmp_path, "en-zh", c)
     assert got["bleu_tokenize"] == "zh" and "tok:zh" in got["signatures"]["bleu"]
-    assert got["sentences"] == 2 and "off_target" not in got
+    assert got["sentences"] == 2 and got["on_target"] == 1.0 and got["off_target"] == 0.0
     assert 0 < got["bleu"] < 100
     nfkc = got["nfkc_references"]
     assert nfkc["lines_changed"] == 1 and nfkc["bleu"] == 100.0 and nfkc["chrf"] == 100.0
@@ -154,6 +156,9 @@ def test_score_uses_each_languages_tokenizer_and_no_langid(tmp_path, monkeypatch
     (tmp_path / "text" / "test.en-de.de").write_text("\n".join(de) + "\n")
     got = evaluation.score(dict(enumerate(de)), tmp_path, "en-de", c)
     assert got["bleu"] == 100.0 and got["bleu_tokenize"] == "13a"
+    # a hypothesis in Japanese where German was asked for is off target
+    got = evaluation.score({0: de[0], 1: "テストです。"}, tmp_path, "en-de", c)
+    assert got["off_target"] == 0.5 and got["on_target"] == 0.5
     assert "nfkc_references" not in got and "tok:13a" in got["signatures"]["bleu"]
     # Japanese without MeCab: chrF only, said so
     monkeypatch.setattr(corpus, "ja_mecab_available", lambda: False)
@@ -213,7 +218,7 @@ def fake_lohelp_result(name, variant, base, pruned_ok=True):
                       {"de": 0.98, "zh": 0.68, "ja": 0.5})
     directions = {p: {"zero_shot": False, "bleu": base + i, "chrf": 40.0 + i,
                       "bleu_tokenize": corpus.BLEU_TOKENIZERS.get(p.split("-")[1], "13a"),
-                      "sentences": 500} for i, p in enumerate(PAIRS)}
+                      "sentences": 500, "off_target": 0.01 * i} for i, p in enumerate(PAIRS)}
     directions["en-zh"]["nfkc_references"] = {"lines_changed": 3, "bleu": base + 5, "chrf": 50.0}
     spec = grid.VARIANTS[variant]
     pruned = {p: {"bleu": directions[p]["bleu"], "identical_hypotheses": pruned_ok or p != "en-de",
@@ -235,9 +240,12 @@ def fake_lohelp_result(name, variant, base, pruned_ok=True):
                      "generate_example": "fairseq-generate X"},
         "wall_seconds": {"training": 10800.0, "evaluation": 1200.0},
         "checkpoint_bytes": 100_000_000,
-        "langid": {"skipped": "no detector"},
+        "langid": {"method": "py3langid, restricted",
+                   "accuracy_on_test_references": {"en": {"on_target": 0.995},
+                                                   "ja": {"on_target": 0.98}}},
         "directions": directions,
-        "averages": {g: {k: evaluation.average(directions, names, k) for k in ("bleu", "chrf")}
+        "averages": {g: {k: evaluation.average(directions, names, k)
+                         for k in ("bleu", "chrf", "off_target")}
                      for g, names in c.groups().items()},
         "pruned": pruned, "heatmap": None,
     }
@@ -262,7 +270,11 @@ def test_lohelp_page_stub_and_results(tmp_path):
     assert "| `target_target-s1` | target / target | 5 of 6 |" in md
     assert "Not identical: `target_target-s1` en-de." in md
     assert "| `dense-s1` | en-zh | 3 | 12.0 | 15.0 |" in md  # NFKC references
-    assert "ja-mecab (ja)" in md and "zh (zh)" in md and "no detector" in md
+    assert "ja-mecab (ja)" in md and "zh (zh)" in md and "(py3langid, restricted)" in md
+    assert "in their own language 98.0% to 99.5% of the time (lowest: ja)" in md
+    # off-target 0, 1, ..., 5% over the six directions: average 2.5%
+    assert "## Off-target rate per direction" in md and "| en-zh | 68% | 2.0% | 2.0% |" in md
+    assert "| **average** |  | 2.5% | 2.5% |" in md
     assert "`token_token-s1` | token / token | 1 | not yet run" in md
     for absent in ("None", "nan", "TODO"):
         assert absent not in md, absent

@@ -100,13 +100,25 @@ def section_setup(results):
         + (f"; no BLEU for {', '.join(missing)} (tokenizer not installed: chrF only)"
            if missing else "") + ". BLEU averages mix these tokenizations; chrF is "
         "character-based throughout.",
-        f"- Off-target rates: none ({r['langid']['skipped']}).",
+        section_langid(r["langid"]),
     ]
     evaluated = {tuple(x["data"]["evaluated_directions"]) for x in results.values()}
     if any(list(e) != data["trained_directions"] for e in evaluated):
         lines.append("- **Some runs were evaluated on a subset of the directions** (smoke "
                      "settings); their averages are left empty.")
     return "\n".join(lines)
+
+
+def section_langid(langid):
+    """The set-up line on off-target rates: the detector and its accuracy on the references."""
+    if "skipped" in langid:  # a record from before the study measured them
+        return f"- Off-target rates: none ({langid['skipped']})."
+    acc = {l: v["on_target"] for l, v in (langid.get("accuracy_on_test_references") or {}).items()}
+    return ("- Off-target rate: the share of hypotheses the detector "
+            f"({langid['method']}) finds in a language other than the target"
+            + (f"; it finds the references themselves in their own language {min(acc.values()):.1%}"
+               f" to {max(acc.values()):.1%} of the time (lowest: "
+               f"{min(acc, key=acc.get)})" if acc else "") + ".")
 
 
 def section_status(results):
@@ -145,7 +157,7 @@ def section_averages(results, key, title):
     return text
 
 
-def section_directions(results, key, title):
+def section_directions(results, key, title, pct=False):
     names = list(results)
     any_run = next(iter(results.values()))
     cov = any_run["data"]["coverage"]
@@ -153,7 +165,9 @@ def section_directions(results, key, title):
     for pair in any_run["data"]["trained_directions"]:
         other = pair.split("-")[1] if pair.startswith("en-") else pair.split("-")[0]
         rows.append([pair, f"{cov.get(other, 0):.0%}"] + [
-            fmt(results[n]["directions"].get(pair, {}).get(key)) for n in names])
+            fmt(results[n]["directions"].get(pair, {}).get(key), pct=pct) for n in names])
+    rows.append(["**average**", ""] + [fmt(results[n]["averages"]["trained"].get(key), pct=pct)
+                                       for n in names])
     return f"## {title}\n\n" + table(["direction", "coverage"] + [f"`{n}`" for n in names],
                                      rows)
 
@@ -299,6 +313,7 @@ def render(results, out_dir: Path, pivot=None, langid=None) -> str:
              section_averages(results, "chrf", "Average chrF"),
              section_directions(results, "bleu", "sacreBLEU per direction"),
              section_directions(results, "chrf", "chrF per direction"),
+             section_directions(results, "off_target", "Off-target rate per direction", pct=True),
              section_nfkc(results), section_pruning(results),
              section_heatmaps(results, out_dir), section_pivot(pivot, langid),
              section_commands(results)]
