@@ -3,8 +3,9 @@
 Thin on purpose: parse, validate, hand to the Service, answer. Bodies are parsed here rather than
 by FastAPI's models because LibreTranslate takes the same fields as JSON or as a form
 (urlencoded or multipart) and answers every problem as `{"error": "..."}` with 400 / 403 / 413 /
-415 / 429 / 503; its own wording is kept where it has one (clients match on it, e.g. "zz is not
-supported"), and a `hint` field says how to fix the request.
+429 / 503; its own wording is kept where it has one (clients match on it, e.g. "zz is not
+supported"), and a `hint` field says how to fix the request. Where LibreTranslate 1.9.6 answers
+differently, research/compat_matrix.py lists it (docs/serving.md).
 
 Endpoints: POST /translate, GET /languages, POST /detect, GET /frontend/settings
 (LibreTranslate's), GET /health (= /health/ready: 503 when no pair can be served) and
@@ -134,7 +135,9 @@ async def read_body(request: Request, limit: int) -> dict:
     """The request's fields as a dict, read as LibreTranslate reads them (Flask): a JSON body
     alone; otherwise the query string and the form body (urlencoded or multipart) together, the
     query string winning where both give a field (Flask's request.values looks at the query
-    string first). ApiError for anything else."""
+    string first). A body of any other content type (text/plain, what fetch() sends with a
+    string body) is not read, the query string alone is, as Flask's request.values does; its
+    content type is kept in request.state.unread_body for missing_field's hint."""
     data = await _read_raw(request, limit)
     request._body = data  # starlette replays it for request.form()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -169,9 +172,21 @@ async def read_body(request: Request, limit: int) -> dict:
             if values:
                 out[key] = values if key == "q" and len(values) > 1 else values[0]
         return {**out, **query}
-    raise ApiError(415, f"Unsupported content type {ctype or '(none)'}",
-                   "send application/json, application/x-www-form-urlencoded or "
-                   "multipart/form-data")
+    request.state.unread_body = ctype or "(none)"
+    return query
+
+
+def missing_field(request: Request, name: str) -> ApiError:
+    """LibreTranslate's "missing NAME parameter", with a hint; when the body was of a content
+    type that is not read (read_body), the hint says so."""
+    unread = getattr(request.state, "unread_body", None)
+    if unread is not None:
+        hint = (f"the body ({unread}) was not read: send application/json, a form "
+                "(application/x-www-form-urlencoded or multipart/form-data) or the fields in "
+                "the query string")
+    else:
+        hint = {"q": "give q, a non-empty string or array of strings"}.get(name)
+    return ApiError(400, f"Invalid request: missing {name} parameter", hint)
 
 
 def _alternatives(value, limit: int) -> int:
@@ -312,14 +327,23 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
                     "limit")
             raise ApiError(status, message, hint, {"Retry-After": "60"} if status == 429 else None)
 
-    def check_lang(code, role: str):
+    by_lower = {lang.lower(): lang for lang in langs}
+
+    def check_lang(request: Request, code, role: str) -> str:
+        """The model's language code (or auto for a source) named by `code`; case-insensitive,
+        as LibreTranslate, which lowercases codes."""
         if not code:
-            raise ApiError(400, f"Invalid request: missing {role} parameter")
+            raise missing_field(request, role)
         if not isinstance(code, str):
             raise ApiError(400, f"Invalid request: {role} must be a language code")
-        if code not in langs and not (role == "source" and code == "auto"):
-            raise ApiError(400, f"{code} is not supported",
-                           f"languages of this model: {', '.join(langs)} (GET /languages)")
+        if code in langs:
+            return code
+        if role == "source" and code.lower() == "auto":
+            return "auto"
+        if code.lower() in by_lower:
+            return by_lower[code.lower()]
+        raise ApiError(400, f"{code} is not supported",
+                       f"languages of this model: {', '.join(langs)} (GET /languages)")
 
     @app.post("/translate", responses={200: {"model": TranslateAnswer}},
               openapi_extra=_form_schema(TranslateBody))
@@ -329,27 +353,25 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
         check_key(body)
         q = body.get("q")
         if q is None or q == "" or q == []:
-            raise ApiError(400, "Invalid request: missing q parameter",
-                           "give q, a non-empty string or array of strings")
+            raise missing_field(request, "q")
         batch = isinstance(q, list)
         texts = q if batch else [q]
         if not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "Invalid request: q must be a string or an array of strings")
-        source, target = body.get("source"), body.get("target")
-        check_lang(source, "source")
-        check_lang(target, "target")
+        source = check_lang(request, body.get("source"), "source")
+        target = check_lang(request, body.get("target"), "target")
         fmt = body.get("format") or "text"
         if fmt not in FORMATS:
             raise ApiError(400, f"{fmt} format is not supported", "use text or html")
         alternatives = _alternatives(body.get("alternatives"), limits.alternatives_limit)
         if batch and limits.batch_limit and len(texts) > limits.batch_limit:
-            raise ApiError(400, f"Invalid request: Request ({len(texts)}) exceeds text limit "
+            raise ApiError(400, f"Invalid request: request ({len(texts)}) exceeds text limit "
                            f"({limits.batch_limit})", "split the array into smaller requests")
         chars = sum(len(t) for t in texts)
         request.state.chars = chars
         char_limits = [c for c in (limits.char_limit, keys.char_limit(body.get("api_key"))) if c]
         if char_limits and chars > min(char_limits):
-            raise ApiError(400, f"Invalid request: Request ({chars}) exceeds character limit "
+            raise ApiError(400, f"Invalid request: request ({chars}) exceeds character limit "
                            f"({min(char_limits)})", "send shorter texts or fewer of them")
         detected = None
         if source == "auto":
@@ -408,18 +430,23 @@ def create_app(service: Service, keys: Optional[KeyGuard] = None) -> FastAPI:
         direct (trained), pivot (via) or zero-shot."""
         return service.languages()
 
+    # what /detect answers for text without evidence: LibreTranslate's guess of English (or
+    # this model's first language) at confidence 0, never an empty list (clients read [0])
+    no_evidence = [{"confidence": 0.0, "language": "en" if "en" in langs else langs[0]}]
+
     @app.post("/detect", openapi_extra=_form_schema(DetectBody))
     async def detect(request: Request):
-        """Detect the language of a text (only en, de, fr, cs can be told apart)."""
+        """Detect the language of a text, over this model's languages: candidates best first,
+        confidence 0-100; text without evidence gives one candidate at confidence 0."""
         body = await read_body(request, limits.body_limit)
         check_key(body)
         q = body.get("q")
         if not q:
-            raise ApiError(400, "Invalid request: missing q parameter")
+            raise missing_field(request, "q")
         if not isinstance(q, str):
             raise ApiError(400, "Invalid request: q must be a string")
         request.state.chars = len(q)
-        return service.detect(q)
+        return service.detect(q) or no_evidence
 
     def unservable() -> Optional[str]:
         """None when some served pair can be translated (none of its legs' sub-networks

@@ -157,7 +157,7 @@ class Service:
                 docs.append((None, [split(text, src)]))
         units = sum(len(d[1]) for d in docs)
         if fmt == "html" and self.limits.batch_limit and units > self.limits.batch_limit:
-            raise LimitExceeded(f"Invalid request: Request ({units} HTML text nodes) exceeds "
+            raise LimitExceeded(f"Invalid request: request ({units} HTML text nodes) exceeds "
                                 f"text limit ({self.limits.batch_limit})")
         sentences = [s for _, segs in docs for seg in segs for s in seg.sentences]
         return (docs, *self._inputs(sentences))

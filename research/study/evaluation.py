@@ -6,8 +6,8 @@ the run's results record. Every step is skipped when its output file exists.
 On LoHelp (--corpus lohelp): the capped test sets of research.study.corpus, BLEU with each
 target language's tokenizer (zh, ja-mecab, 13a) plus chrF, also against NFKC-normalised
 references where that changes them, off-target rates by py3langid (Corpus.detector), no
-zero-shot directions; averages over
-en->X, X->en and the well-covered and lower-coverage languages (Corpus.groups)."""
+zero-shot directions; averages over en->X, X->en and the well-covered and lower-coverage
+languages (Corpus.groups)."""
 
 import os
 import platform
