@@ -163,9 +163,9 @@ lohelp: $(STAMP)
 	$(PY) scripts/prepare_lohelp.py $(ARGS)
 
 # The routing study on LoHelp (after `make lohelp`; docs/measuring.md): dense, token / token,
-# target / target and lang-pair / lang-pair on the 28 en<->X directions, about 3 hours of
-# training each on 2 cores, resumable like `make study`: results/study-lohelp/*.json. Japanese
-# BLEU uses sacreBLEU's MeCab tokenizer (sacrebleu[ja], in .venv).
+# target / target and lang-pair / lang-pair on the 28 en<->X directions, 800 updates each (the
+# first three side by side: about 80 minutes on 2 cores), resumable like `make study`:
+# results/study-lohelp/*.json. Japanese BLEU uses sacreBLEU's MeCab tokenizer (sacrebleu[ja]).
 # ARGS passes flags on, e.g. make study-lohelp ARGS="--only dense,target_target".
 .PHONY: study-lohelp study-lohelp-report
 study-lohelp: $(STAMP)

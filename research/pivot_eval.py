@@ -26,7 +26,7 @@ Two corpora (--corpus):
   the last to the first (de-fr, fr-cs, ..., ja-fi, fi-de for the 14 languages): every language
   once as source and once as target, Greek, Cyrillic, Han and Han + kana included. Each
   direction's paragraphs (those translated into both languages) are capped at a seeded sample
-  of --cap (500, the study's seed). BLEU with the target's sacreBLEU tokenizer (zh for Chinese,
+  of --cap (200, the study's cap and seed). BLEU with the target's sacreBLEU tokenizer (zh for Chinese,
   ja-mecab for Japanese, 13a otherwise: research.study.corpus.bleu_tokenizer), off-target by
   py3langid restricted to the model's languages (`python -m research.langid_eval` measures it).
 

@@ -28,9 +28,10 @@ Smoke test of the machinery (minutes; never into results/ or docs/):
 On LoHelp (--corpus lohelp; the corpus of `make lohelp`, docs/corpus-lohelp.md): English and
 14 languages, trained on the 28 en<->X directions with temperature sampling over the pairs,
 dense, token / token, target / target and lang-pair / lang-pair, one seed each, preset lohelp
-(grid.PRESETS: the same backbone, the update count sized to about 3 hours on 2 cores), folders
+(grid.PRESETS: the same backbone, 800 updates: the three runs side by side and their evaluation
+fit one 3-hour session on 2 cores), folders
 work/study-lohelp, results/study-lohelp, docs/img/study-lohelp. Each direction translates a
-seeded sample of at most --test-cap (500) of its pair's test paragraphs, full and pruned alike;
+seeded sample of at most --test-cap (200) of its pair's test paragraphs, full and pruned alike;
 BLEU uses sacreBLEU's zh and ja-mecab tokenizers for Chinese and Japanese, chrF everywhere;
 off-target rates by py3langid restricted to the corpus's languages (fairseq_taskmoe.langid.
 detector_for); no zero-shot directions (research.pivot_eval compares them through the service).

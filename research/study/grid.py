@@ -11,11 +11,12 @@ ZERO_SHOT = ["de-fr", "fr-de", "de-cs", "cs-de", "fr-cs", "cs-fr"]
 DIRECTIONS = TRAINED + ZERO_SHOT
 BEAM = 5
 MAX_TOKENS = 4096
-# LoHelp's budget: about 3 hours of training on 2 idle cores. Measured 2026-12-07 at nice 10,
-# one thread, on a busy machine (load 4.5-9): token / token on LoHelp took 1.57x the CPU time
-# per update of the same model on Multi30k (9.8-10.4 against 6.4-6.5 CPU s), and Multi30k's
-# study trains at 1.5 s per update on 2 idle cores, so about 2.4 s per update here.
-LOHELP_MAX_UPDATE = 4500
+# LoHelp's budget: three runs, trained side by side, and their evaluation within one 3-hour
+# working session (a session's work folder does not outlive it). Measured 2026-12-07 with the
+# three runs side by side on 2 cores, one thread each: 5-7.6 s per update each, so 800 updates
+# take about 80 minutes. (Sized first at 4,500 updates, about 3 hours per run: 2.4 s per update
+# on 2 idle cores from the CPU time per update against Multi30k's; no such run ever finished.)
+LOHELP_MAX_UPDATE = 800
 
 # The backbone and training recipe of every model in the study; VARIANTS only add routing and
 # balance-loss flags. Values of None are switches.
@@ -54,8 +55,8 @@ PRESETS = {
     # LoHelp (--corpus lohelp, its own preset): 28 en<->X directions of 15 languages, paragraphs
     # of 17.5 English words on average, 10.8k-23.7k per pair, sampled with temperature 5 (nearly
     # uniform over the pairs: 20.3k-23.7k per epoch of 4,761 updates). The Multi30k study's
-    # backbone, LOHELP_MAX_UPDATE updates (about 3 hours on 2 idle cores; docs/measuring.md,
-    # "Quality study on LoHelp").
+    # backbone, LOHELP_MAX_UPDATE updates (the three runs side by side in about 80 minutes on 2
+    # cores; docs/measuring.md, "Quality study on LoHelp").
     "lohelp": dict(flags={
         **SHARED_FLAGS,
         "--sampling-method": "temperature", "--sampling-temperature": 5,

@@ -180,7 +180,7 @@ def test_runner_options_for_lohelp(tmp_path):
     args = runner.parse_args(base)
     assert (args.preset, args.work.name, args.results.name, args.img_dir.name) == \
         ("lohelp", "study-lohelp", "study-lohelp", "study-lohelp")
-    assert args.directions == PAIRS and args.test_cap == 500
+    assert args.directions == PAIRS and args.test_cap == corpus.TEST_CAP == 200
     assert args.max_update == grid.PRESETS["lohelp"]["max_update"]
     assert [r[0] for r in args.selected] == ["dense-s1", "token_token-s1", "target_target-s1",
                                              "lang_pair_lang_pair-s1"]

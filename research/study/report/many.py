@@ -57,9 +57,9 @@ def stub(pivot_section=""):
             for name, v, seed in runs("lohelp")]
     return "\n\n".join([
         head(), "**Results are pending**: no run has finished yet, so this page holds no "
-        "figures. Each run trains for about 3 hours on this project's 2 CPU cores (the budget "
-        "sized from a measured speed, not yet a measured run time), then translates a seeded "
-        f"sample of at most {TEST_CAP} test paragraphs per direction ({n} directions, beam 5) "
+        f"figures. Each run trains for {PRESETS['lohelp']['max_update']:,} updates (the three "
+        "side by side take about 80 minutes on this project's 2 CPU cores), then translates a "
+        f"seeded sample of at most {TEST_CAP} test paragraphs per direction ({n} directions, beam 5) "
         "and, for task-routed models, prunes the model for every direction and translates the "
         "same sample again, checking the hypotheses are identical.",
         "## Runs\n\n" + table(["run", "encoder / decoder routing", "seed", "state"], rows),
