@@ -113,9 +113,18 @@ def fairseq_train(cmd, run_dir: Path, max_update: int, prefix: str, on_save=None
     save_dir.mkdir(parents=True, exist_ok=True)
     repair_last_checkpoint(save_dir, prefix)
     resumed = (save_dir / "checkpoint_last.pt").exists()
+    ledger = ComputeLedger(run_dir / "compute.json")
+    if resumed:  # stopped right at a save of max_update: nothing left to train
+        at = checkpoint_extra(save_dir / "checkpoint_last.pt")["num_updates"]
+        if at > max_update:
+            raise RuntimeError(f"{save_dir}/checkpoint_last.pt is at update {at}, past "
+                               f"--max-update {max_update}: raise --max-update, or move the "
+                               "run's folder away to train it afresh")
+        if at == max_update:
+            log(f"{prefix}: checkpoint_last.pt is at update {max_update} already")
+            return _finished(save_dir, ledger, max_update, done, prefix)
     log(f"{prefix}: train to {max_update} updates"
         + (" (resuming from checkpoint_last.pt)" if resumed else "") + f"; log {run_dir}/train.log")
-    ledger = ComputeLedger(run_dir / "compute.json")
     # a fresh start (or --finetune-from-model's) costs nothing before it; a resumed one what
     # its checkpoint cost, read when fairseq says which update it loaded
     base = None if resumed else ledger.at(0)
@@ -175,6 +184,11 @@ def fairseq_train(cmd, run_dir: Path, max_update: int, prefix: str, on_save=None
                     "compute_known": base is not None})
     if rc != 0:
         raise RuntimeError(f"fairseq-train failed (exit {rc}); last lines:\n" + "".join(tail))
+    return _finished(save_dir, ledger, max_update, done, prefix)
+
+
+def _finished(save_dir: Path, ledger, max_update: int, done: Path, prefix: str):
+    """A trained run: interval checkpoints removed, train.done.json written and returned."""
     for interval in save_dir.glob("checkpoint_*_*.pt"):  # checkpoint_last.pt is what we use
         interval.unlink()
     state = checkpoint_extra(save_dir / "checkpoint_last.pt")
@@ -186,6 +200,8 @@ def fairseq_train(cmd, run_dir: Path, max_update: int, prefix: str, on_save=None
         + (f", {spent['cpu_seconds']:,.0f} CPU seconds" if spent["cpu_seconds"] is not None
            else ""))
     return record
+
+
 def repair_last_checkpoint(save_dir: Path, prefix: str):
     """fairseq writes checkpoint_N_M.pt atomically but then *copies* it to checkpoint_last.pt;
     a kill during that copy leaves a truncated checkpoint_last.pt that fairseq cannot resume

@@ -338,3 +338,25 @@ def test_report_compares_balance_scopes_against_seed_noise(tmp_path):
     md = page.render(runs((20.0, 22.0), (21.5, 22.0)), tmp_path)
     assert "difference +0.75 BLEU against a summed seed half-range of 1.25: not larger" in md
     assert "Balance scope" not in page.render(runs((20.0,), ()), tmp_path)
+
+
+def test_a_run_stopped_at_its_last_update_is_finished_without_training(tmp_path, monkeypatch):
+    """A run whose checkpoint_last.pt is at --max-update already (stopped right after that
+    save) is recorded as trained, without starting fairseq-train; one past it is refused."""
+    import torch
+
+    from research.study import training
+
+    save = tmp_path / "run" / "checkpoints"
+    save.mkdir(parents=True)
+    torch.save({"optimizer_history": [{"num_updates": 40}],
+                "extra_state": {"previous_training_time": 12.0}}, save / "checkpoint_last.pt")
+    (save / "checkpoint_1_40.pt").write_bytes(b"interval copy")
+    monkeypatch.setattr(training.subprocess, "Popen", lambda *a, **k: pytest.fail("trained"))
+    record = training.fairseq_train(["fairseq-train"], tmp_path / "run", 40, "t")
+    assert record["num_updates"] == 40 == record["max_update"]
+    assert record["training_seconds"] == 12.0
+    assert not (save / "checkpoint_1_40.pt").exists()
+    assert json.loads((tmp_path / "run" / "train.done.json").read_text())["num_updates"] == 40
+    with pytest.raises(RuntimeError, match="past --max-update 30"):
+        training.fairseq_train(["fairseq-train"], tmp_path / "run", 30, "t")
