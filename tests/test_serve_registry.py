@@ -263,6 +263,33 @@ def test_eviction_releases_the_engine_outside_the_lock_and_never_collects(three,
     assert collects == []
 
 
+def test_eviction_gives_the_freed_heap_back(three, monkeypatch):
+    """After an evicted engine is released, the heap is trimmed (glibc keeps freed chunks in its
+    arenas otherwise, and RSS stays where the evicted engine left it); a load with nothing to
+    evict trims nothing."""
+    from fairseq_taskmoe.serve import registry as registry_module
+
+    trims = []
+    monkeypatch.setattr(registry_module, "trim_heap", lambda: trims.append(1))
+    three.memory_budget = 160  # one sub-network at a time
+    with three.use("*-de"):
+        pass
+    assert trims == []
+    with three.use("*-en"):
+        assert three.evictions == 1 and trims == [1]
+    three.dropped("*-en", "test")
+    assert trims == [1, 1]
+    three.dropped("*-en", "gone already")
+    assert trims == [1, 1]
+
+
+def test_trim_heap_runs_here():
+    from fairseq_taskmoe.serve.registry import _malloc_trim, trim_heap
+
+    trim_heap()  # glibc here: malloc_trim(0); elsewhere a no-op
+    assert _malloc_trim() is not None
+
+
 def test_a_load_that_cannot_fit_evicts_nothing_and_waits_the_timeout_given(three):
     from fairseq_taskmoe.serve.registry import Unavailable
 
