@@ -186,6 +186,12 @@ def peak(server: dict) -> Optional[float]:
     return max(peaks) if peaks else None
 
 
+def above_base(server: Optional[dict]) -> Optional[float]:
+    """Peak RSS over the loads minus the server's RSS at start, in MB."""
+    top = server and peak(server)
+    return round(top - server["base_rss_mb"], 1) if top else None
+
+
 def side_by_side(servers: Dict[str, dict], budget_bytes: int) -> dict:
     """Throughput ratios per load (budget / no budget, task / token), RSS ratios (task / token
     after warm-up and at peak), and the budget server's peak RSS against budget + its base."""
@@ -204,7 +210,11 @@ def side_by_side(servers: Dict[str, dict], budget_bytes: int) -> dict:
         "budget_over_token_after_warm_up": ratio(budget and budget["rss_after_warm_up_mb"],
                                                  token and token["rss_after_warm_up_mb"]),
         "none_over_token_peak": ratio(none and peak(none), token and peak(token)),
-        "budget_over_token_peak": ratio(budget and peak(budget), token and peak(token))}
+        "budget_over_token_peak": ratio(budget and peak(budget), token and peak(token)),
+        # the models' share: peak RSS above each process's own RSS at start (Python, torch,
+        # fairseq and CTranslate2 loaded: the same few hundred MB in every server)
+        "none_over_token_peak_above_base": ratio(above_base(none), above_base(token)),
+        "budget_over_token_peak_above_base": ratio(above_base(budget), above_base(token))}
     if budget:
         limit = budget_bytes / 2 ** 20 + budget["base_rss_mb"]
         out["budget_rss"] = {"budget_bytes": budget_bytes, "base_mb": budget["base_rss_mb"],
@@ -310,6 +320,10 @@ def ratios_table(ratios: dict) -> str:
                        ("budget_over_token", "RSS: task (budget) / token")):
         lines.append(f"| {label}, after warm-up (peak) | "
                      f"{_fmt(rss[key + '_after_warm_up'])} ({_fmt(rss[key + '_peak'])}) | |")
+    for key, label in (("none_over_token", "task (no budget) / token"),
+                       ("budget_over_token", "task (budget) / token")):
+        lines.append(f"| peak RSS above the process's RSS at start: {label} | "
+                     f"{_fmt(rss.get(key + '_peak_above_base'))} | |")
     return "\n".join(lines)
 
 

@@ -122,6 +122,11 @@ def test_ratios_and_goals():
     assert r["throughput"]["uniform"]["budget_over_none"] == 0.62
     assert r["rss"]["none_over_token_after_warm_up"] == 0.4
     assert r["rss"]["none_over_token_peak"] == 0.35  # 420 / 1200
+    # above each process's base: (420 - 300) / (1200 - 900), (350 - 300) / 300
+    assert r["rss"]["none_over_token_peak_above_base"] == 0.4
+    assert r["rss"]["budget_over_token_peak_above_base"] == 0.17
+    assert "| peak RSS above the process's RSS at start: task (budget) / token | 0.17 | |" in \
+        bench.ratios_table(r)
     assert r["budget_rss"] == {"budget_bytes": 40 << 20, "base_mb": 300.0, "limit_mb": 340.0,
                                "peak_mb": 350.0, "over_limit_mb": 10.0,
                                "peak_over_limit": 1.03}
