@@ -131,6 +131,22 @@ bench-ray-serve: $(STAMP)
 	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-ray-serve: no demo model" \
 	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
 	$(PY) -m research.bench.ray_serve --pairs-per-replica 4 $(ARGS)
+# The real LibreTranslate 1.9.6 (.venv-lt) on the demo's pairs as Argos packages, against
+# taskmoe-serve on the checkpoint (issue 29; docs/serving.md; after `make demo`):
+# compat-matrix sends both the same requests, valid and invalid, and writes them side by side to
+# results/compat_matrix.{json,md} and docs/serving.md (exit 1 on a difference neither fixed nor
+# listed with its reason; a minute); bench-libretranslate measures both (and LibreTranslate tuned)
+# under load, one server at a time: results/libretranslate_benchmark.{json,md} (hours on 2 cores)
+.PHONY: compat-matrix bench-libretranslate
+compat-matrix: $(STAMP) lt-venv
+	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make compat-matrix: no demo model" \
+	  "($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; exit 1; }
+	$(PY) -m research.compat_matrix --docs docs/serving.md $(ARGS)
+bench-libretranslate: $(STAMP) lt-venv
+	@test -f $(DEMO)/checkpoints/checkpoint_last.pt || { echo "make bench-libretranslate: no demo" \
+	  "model ($(DEMO)/checkpoints/checkpoint_last.pt): run \`make demo\` first (about 15 minutes)"; \
+	  exit 1; }
+	$(PY) -m research.bench.libretranslate $(ARGS)
 # taskmoe-serve on many languages (after `make study-lohelp` has trained LoHelp's target / target
 # and token / token runs): every en<->X direction and 12 X-Y pairs through English, sub-network
 # sizes, start-up, Zipf and uniform loads under a quarter of the sub-networks' bytes and without

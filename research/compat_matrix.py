@@ -199,7 +199,7 @@ FIXED = {
     "uppercase-codes": "language codes are case-insensitive, as LibreTranslate's (it lowercases "
                        "them); they were refused as not supported",
     "detect-undetectable": "/detect always answers at least one candidate, as LibreTranslate "
-                           "does: the first served language (en where served) with confidence "
+                           "does: en (or the model's first language, without en) at confidence "
                            "0; it answered [], and clients that read detections[0] failed",
     "text-plain-query": "a body of another content type is ignored and the query string read, as "
                         "Flask's request.values does; it was refused 415",

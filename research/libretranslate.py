@@ -1,9 +1,10 @@
 """The real LibreTranslate 1.9.6, unchanged, serving our Argos packages offline (issue 29).
 
 `make lt-venv` builds its own virtualenv, .venv-lt (LibreTranslate pins its own dependencies,
-argos-translate-lt 1.12.1 among them). `start_libretranslate(packages, home)` is the one way the
-harness starts it (research/compat_matrix.py, research/bench/libretranslate.py,
-tests/test_libretranslate.py):
+argos-translate-lt 1.12.1 among them). `export_packages` writes a checkpoint's packages
+(taskmoe-export --all-pairs DIR --format argos), and `start_libretranslate(packages, home)` is
+the one way the harness starts LibreTranslate on them (research/compat_matrix.py,
+research/bench/libretranslate.py, tests/test_libretranslate.py):
 
 1. every .argosmodel of the folder is installed with Argos's own
    `argostranslate.package.install_from_path`, run by .venv-lt's Python, into a private folder
@@ -209,7 +210,8 @@ def environment(home: Path, extra: Optional[Dict[str, str]] = None,
     return env
 
 
-def _prepare_home(home: Path, refuse_network: bool):
+def prepare_home(home: Path, refuse_network: bool):
+    """The private folders under `home`, which must be new or empty; the network guard."""
     home = Path(home)
     if home.exists() and any(home.iterdir()):
         raise ValueError(f"{home} is not empty: give a new folder (packages installed there "
@@ -338,7 +340,7 @@ def start_libretranslate(packages: Path, home: Path, args: Sequence = (),
         raise RuntimeError(why)
     files = package_files(packages)
     home = Path(home).resolve()
-    _prepare_home(home, refuse_network)
+    prepare_home(home, refuse_network)
     lt_env = environment(home, env, refuse_network)
     t0 = time.perf_counter()
     installed = install_packages(files, home, lt_env)

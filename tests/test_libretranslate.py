@@ -58,7 +58,7 @@ def test_package_folder_checks(packages, tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "old").write_text("x")
     with pytest.raises(ValueError, match="is not empty"):
-        lt._prepare_home(tmp_path / "home", True)
+        lt.prepare_home(tmp_path / "home", True)
 
 
 def test_environment_is_private_and_offline(tmp_path):
@@ -113,3 +113,26 @@ def test_libretranslate_serves_our_packages_offline(packages, ct2_export, tiny_d
         os.killpg(pid, 0)  # the whole group it was started in is gone
     log = server.log_tail()
     assert "Updating language models" not in log and "Downloading" not in log, log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(lt.unavailable() is not None, reason=lt.unavailable() or "")
+def test_compatibility_matrix_on_the_tiny_model(trained_tiny, spm_data, packages,  # noqa: F811
+                                                tiny_data, tmp_path):
+    """research/compat_matrix.py's run: every case sent to LibreTranslate and to taskmoe-serve
+    (both configurations, open and with keys); each difference fixed or listed with its reason,
+    none listed that is the same now."""
+    from research import compat_matrix as cm
+
+    spm_model, data = spm_data
+    result = cm.run_matrix(trained_tiny, data, spm_model, tiny_data.parent / "text", packages,
+                           tmp_path / "work", quantization="float32", log=lambda msg: None)
+    rows = {r["id"]: r for r in result["rows"]}
+    assert len(rows) == len(cm.CASES) >= 40 and not result["not_applicable"]
+    bad = {i: r["note"] for i, r in rows.items() if r["verdict"] in ("UNLISTED", "STALE")}
+    assert not bad, bad
+    assert {i for i, r in rows.items() if r["verdict"] == "fixed"} == set(cm.FIXED)
+    assert rows["keys-slow-3"]["taskmoe_serve"]["status"] == 429
+    assert rows["json"]["libretranslate"]["status"] == 200
+    assert all(s.get("connections") == [] for name, s in result["servers"].items()
+               if name.startswith("libretranslate"))

@@ -210,6 +210,63 @@ def test_frontend_settings_and_detect_offer_only_what_is_served(server):
     assert czech and all(d["language"] in ("en", "de", "fr") for d in czech), czech
 
 
+# --- issue 29: what the compatibility matrix with LibreTranslate 1.9.6 fixed ---------------------
+# (research/compat_matrix.py sends the same requests to the real LibreTranslate; docs/serving.md)
+
+def test_language_codes_are_case_insensitive_as_libretranslate_lowercases_them(server):
+    url, _ = server
+    want = translate_json(url, q="e1 e2", source="en", target="de")
+    assert translate_json(url, q="e1 e2", source="EN", target="De") == want
+    auto = translate_json(url, q="the man and the dog", source="AUTO", target="DE")
+    assert auto["detectedLanguage"]["language"] == "en"
+    assert post(url, "/translate", data={"q": "e1 e2", "source": "En", "target": "dE"}).json() \
+        == want
+    unknown = post(url, "/translate", json={"q": "e1", "source": "ZZ", "target": "de"})
+    assert unknown.status_code == 400 and unknown.json()["error"] == "ZZ is not supported"
+
+
+def test_a_body_of_another_content_type_is_not_read_the_query_string_is(server):
+    """Flask's request.values (LibreTranslate) reads the query string and a form, nothing else:
+    a text/plain body (what fetch() sends with a string body) is ignored, not refused."""
+    url, _ = server
+    want = translate_json(url, q="e1 e2", source="en", target="de")
+    fields = {"q": "e1 e2", "source": "en", "target": "de"}
+    for ctype in ("text/plain;charset=UTF-8", "application/xml", ""):
+        answer = post(url, "/translate", params=fields, content=b"ignored",
+                      headers={"Content-Type": ctype})
+        assert answer.status_code == 200 and answer.json() == want, (ctype, answer.text)
+    body = json.dumps(fields).encode()  # JSON sent as text/plain: not read
+    answer = post(url, "/translate", content=body, headers={"Content-Type": "text/plain"})
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "Invalid request: missing q parameter"
+    assert "the body (text/plain) was not read" in answer.json()["hint"]
+    detect = post(url, "/detect", params={"q": "der Mann und die Frau"}, content=b"x",
+                  headers={"Content-Type": "text/plain"})
+    assert detect.json()[0]["language"] == "de"
+
+
+def test_detect_without_evidence_answers_one_candidate_at_confidence_0(server):
+    """LibreTranslate answers [{"confidence": 0.0, "language": "en"}] for text it cannot
+    detect; clients read detections[0] (libretranslatepy's users do)."""
+    url, _ = server
+    for q in ("12345 67890", "😀"):
+        answer = post(url, "/detect", json={"q": q})
+        assert answer.status_code == 200 and answer.json() == \
+            [{"confidence": 0.0, "language": "en"}]
+    # source=auto still refuses to translate from a guess
+    auto = post(url, "/translate", json={"q": "12345", "source": "auto", "target": "de"})
+    assert auto.status_code == 400 and "could not detect" in auto.json()["error"]
+
+
+def test_limit_messages_use_libretranslates_wording(server):
+    url, service = server
+    texts = ["e1"] * (service.limits.batch_limit + 1)
+    over = post(url, "/translate", json={"q": texts, "source": "en", "target": "de"})
+    assert over.status_code == 400 and over.json()["error"] == \
+        f"Invalid request: request ({len(texts)}) exceeds text limit " \
+        f"({service.limits.batch_limit})"
+
+
 # --- item 13: readiness -------------------------------------------------------------------------
 
 def test_health_says_whether_any_pair_can_be_served(server):

@@ -4,13 +4,14 @@ resident memory sampled with psutil, always stopped: SIGTERM, then kill), runnin
 (servers started together, yielded once all answer), build_cache (the server's own start-up run
 in this process, so that measured servers start from a built sub-network cache), the load itself
 (run_load: a fixed request list from N concurrent asyncio + httpx clients, each request sent
-once), warm_up, measure (a load with /metrics' requests per engine call and peak RSS),
-subnetwork_counts (/metrics' sub-network loads and evictions), and the pure parts around them
-(percentile, summarize, ratio, workload, random_sentences, the --clients / --pairs parsers,
-read_sentences, environment).
+once, the answers kept on request), warm_up, measure (a load with /metrics' requests per engine
+call and peak RSS), subnetwork_counts (/metrics' sub-network loads and evictions), and the pure
+parts around them (percentile, summarize, ratio, workload and positions, random_sentences, the
+--clients / --pairs parsers, read_sentences, environment).
 
 Not a command. Used by the load benchmarks research/bench/serve.py,
-research/bench/serve_many.py and research/bench/ray_serve.py, and by scripts/serve_screenshot.py
+research/bench/serve_many.py, research/bench/ray_serve.py and research/bench/libretranslate.py
+(research/libretranslate.py's LibreTranslate is a Server too), and by scripts/serve_screenshot.py
 and tests/test_serve_browser.py, which start the real server with `running`.
 """
 
@@ -94,13 +95,24 @@ def parse_pairs(text: str) -> List[tuple]:
     return pairs
 
 
-def workload(pairs: Sequence[tuple], sentences: Dict[str, List[str]], n: int) -> List[tuple]:
-    """n requests (src, tgt, text), round robin over the pairs; sentence i of the source side."""
+def positions(i: int, n_pairs: int, n_texts: int, per_request: int = 1) -> List[int]:
+    """The sentence numbers request i of a workload carries (round robin over n_pairs pairs,
+    n_texts sentences each, per_request consecutive sentences a request)."""
+    k = i // n_pairs
+    return [(k * per_request + m) % n_texts for m in range(per_request)]
+
+
+def workload(pairs: Sequence[tuple], sentences: Dict[str, List[str]], n: int,
+             per_request: int = 1) -> List[tuple]:
+    """n requests (src, tgt, text), round robin over the pairs; request i carries the source
+    side's sentences at positions(i, ...): one sentence, or (per_request > 1) a list of that
+    many, sent as an array q."""
     out = []
     for i in range(n):
         src, tgt = pairs[i % len(pairs)]
         texts = sentences[src]
-        out.append((src, tgt, texts[(i // len(pairs)) % len(texts)]))
+        picked = [texts[j] for j in positions(i, len(pairs), len(texts), per_request)]
+        out.append((src, tgt, picked[0] if per_request == 1 else picked))
     return out
 
 
@@ -285,7 +297,8 @@ def build_cache(checkpoint, data, extra: Sequence) -> dict:
 # ---------------------------------------------------------------- load
 
 
-async def _load(url: str, items: Sequence[tuple], clients: int, timeout: float) -> dict:
+async def _load(url: str, items: Sequence[tuple], clients: int, timeout: float,
+                answers: Optional[list] = None) -> dict:
     import httpx
 
     latencies, statuses, out_tokens, sentences = [], {}, 0, 0
@@ -309,9 +322,11 @@ async def _load(url: str, items: Sequence[tuple], clients: int, timeout: float) 
                 if status == 200:  # text: one sentence, or a list of them (one request)
                     latencies.append(seconds)
                     answer = r.json()["translatedText"]
-                    answers = answer if isinstance(answer, list) else [answer]
-                    sentences += len(answers)
-                    out_tokens += sum(len(a.split()) for a in answers)
+                    if answers is not None:
+                        answers[i] = answer
+                    texts = answer if isinstance(answer, list) else [answer]
+                    sentences += len(texts)
+                    out_tokens += sum(len(a.split()) for a in texts)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -322,8 +337,11 @@ async def _load(url: str, items: Sequence[tuple], clients: int, timeout: float) 
     return result
 
 
-def run_load(url: str, items: Sequence[tuple], clients: int, timeout: float) -> dict:
-    return asyncio.run(_load(url, items, clients, timeout))
+def run_load(url: str, items: Sequence[tuple], clients: int, timeout: float,
+             answers: Optional[list] = None) -> dict:
+    """Each request of `items` sent once by `clients` concurrent clients; `answers` (a list as
+    long as items), when given, gets each answered request's translatedText at its index."""
+    return asyncio.run(_load(url, items, clients, timeout, answers))
 
 
 def batch_counts(url: str) -> tuple:
@@ -373,12 +391,14 @@ def warm_up(server: Server, pairs: Sequence[tuple], sentences: Dict[str, List[st
                            f"{server.log_tail()}")
 
 
-def measure(server: Server, items: Sequence[tuple], clients: int, timeout: float) -> dict:
-    """run_load with the server's peak RSS, its RSS afterwards and, where its /metrics counts
-    engine calls (server.has_batch_metrics), the requests per engine call."""
+def measure(server: Server, items: Sequence[tuple], clients: int, timeout: float,
+            answers: Optional[list] = None) -> dict:
+    """run_load (answers: as there) with the server's peak RSS, its RSS afterwards and, where
+    its /metrics counts engine calls (server.has_batch_metrics), the requests per engine
+    call."""
     before = batch_counts(server.url) if server.has_batch_metrics else None
     with server.peak_rss():
-        result = run_load(server.url, items, clients, timeout)
+        result = run_load(server.url, items, clients, timeout, answers)
     result["requests_per_call"] = (requests_per_call(before, batch_counts(server.url))
                                    if server.has_batch_metrics else None)
     result["rss_mb"], result["peak_rss_mb"] = _mb(server.rss()), _mb(server.peak)

@@ -58,6 +58,11 @@ def test_workload_is_round_robin_over_pairs_and_sentences():
     items = load.workload([("en", "de"), ("de", "en")], sentences, 6)
     assert items == [("en", "de", "e0"), ("de", "en", "d0"), ("en", "de", "e1"),
                      ("de", "en", "d1"), ("en", "de", "e0"), ("de", "en", "d2")]
+    # several sentences a request (an array q): consecutive positions, wrapping around
+    batched = load.workload([("en", "de"), ("de", "en")], sentences, 4, per_request=2)
+    assert batched == [("en", "de", ["e0", "e1"]), ("de", "en", ["d0", "d1"]),
+                       ("en", "de", ["e0", "e1"]), ("de", "en", ["d2", "d0"])]
+    assert load.positions(3, 2, 3, 2) == [2, 0]
     words = load.random_sentences(["a", "b"], 3, 4, seed=1)
     assert len(words) == 3 and all(len(s.split()) == 4 for s in words)
     assert words == load.random_sentences(["a", "b"], 3, 4, seed=1)  # reproducible
