@@ -207,6 +207,26 @@ def scores_line(record):
     return line + (f" off-target {record['off_target']:.1%}" if "off_target" in record else "")
 
 
+INNER = re.compile(r"\| train_inner \|.*?\bloss=([\d.]+), nll_loss=([\d.]+).*?num_updates=(\d+)")
+
+
+def final_training_loss(train_log: Path, last: int = 100):
+    """Label-smoothed loss and NLL (base 2, per target token) that fairseq logged over the last
+    `last` updates of training (its train_inner lines, one per --log-interval), or None. Runs of
+    one seed see the same batches in the same order, so at equal updates this compares them on
+    the same data."""
+    if not train_log.exists():
+        return None
+    rows = {int(u): (float(l), float(n)) for l, n, u in INNER.findall(train_log.read_text())}
+    if not rows:
+        return None
+    end = max(rows)
+    kept = [rows[u] for u in sorted(rows) if u > end - last]
+    return {"updates": [end - last + 1, end], "lines": len(kept),
+            "loss": round(sum(l for l, _ in kept) / len(kept), 3),
+            "nll_loss": round(sum(n for _, n in kept) / len(kept), 3)}
+
+
 def average(directions, names, key):
     vals = [directions[d][key] for d in names if d in directions]
     if None in vals:  # a direction without this score (BLEU without its tokenizer)
@@ -360,6 +380,7 @@ def evaluate(args, prep, run_name, variant, seed, run_dir, train_cmd):
         "budget": {"max_update": args.max_update, "updates_done": trained["num_updates"],
                    "max_tokens": max_tokens,
                    "updates_x_max_tokens": trained["num_updates"] * max_tokens},
+        "final_training_loss": final_training_loss(run_dir / "train.log"),
         "data": data_record,
         "commands": {"study": "-m research.study " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                      "prepare": args.prepare_command,

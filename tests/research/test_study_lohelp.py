@@ -240,6 +240,8 @@ def fake_lohelp_result(name, variant, base, pruned_ok=True):
                      "generate_example": "fairseq-generate X"},
         "wall_seconds": {"training": 10800.0, "evaluation": 1200.0},
         "checkpoint_bytes": 100_000_000,
+        "final_training_loss": {"updates": [1, 10], "lines": 1, "loss": 8.0 - base / 10,
+                                "nll_loss": 7.0 - base / 10},
         "langid": {"method": "py3langid, restricted",
                    "accuracy_on_test_references": {"en": {"on_target": 0.995},
                                                    "ja": {"on_target": 0.98}}},
@@ -273,6 +275,7 @@ def test_lohelp_page_stub_and_results(tmp_path):
     assert "ja-mecab (ja)" in md and "zh (zh)" in md and "(py3langid, restricted)" in md
     assert "in their own language 98.0% to 99.5% of the time (lowest: ja)" in md
     # off-target 0, 1, ..., 5% over the six directions: average 2.5%
+    assert "| `target_target-s1` | target / target | 1-10 | 6.900 | 5.900 | -0.100 |" in md
     assert "## Off-target rate per direction" in md and "| en-zh | 68% | 2.0% | 2.0% |" in md
     assert "| **average** |  | 2.5% | 2.5% |" in md
     assert "`token_token-s1` | token / token | 1 | not yet run" in md

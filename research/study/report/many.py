@@ -59,7 +59,8 @@ def stub(pivot_section=""):
         head(), "**Results are pending**: no run has finished yet, so this page holds no "
         f"figures. Each run trains for {PRESETS['lohelp']['max_update']:,} updates (the three "
         "side by side take about 80 minutes on this project's 2 CPU cores), then translates a "
-        f"seeded sample of at most {TEST_CAP} test paragraphs per direction ({n} directions, beam 5) "
+        f"seeded sample of at most {TEST_CAP} test paragraphs per direction ({n} directions, "
+        "beam 5) "
         "and, for task-routed models, prunes the model for every direction and translates the "
         "same sample again, checking the hypotheses are identical.",
         "## Runs\n\n" + table(["run", "encoder / decoder routing", "seed", "state"], rows),
@@ -155,6 +156,26 @@ def section_averages(results, key, title):
                      "noise on this corpus is not measured, so small differences are not "
                      "evidence.")
     return text
+
+
+def section_training_loss(results):
+    """The training loss at the end of each run (same seed: the same batches, so paired)."""
+    got = {n: r.get("final_training_loss") for n, r in results.items()}
+    if not any(got.values()):
+        return ""
+    dense = next((got[n] for n, r in results.items() if r["variant"] == "dense" and got[n]), None)
+    rows = []
+    for n, g in got.items():
+        span = f"{g['updates'][0]:,}-{g['updates'][1]:,}" if g else "–"
+        delta = (f"{g['nll_loss'] - dense['nll_loss']:+.3f}" if g and dense and g is not dense
+                 else "–")
+        rows.append([f"`{n}`", results[n]["label"], span, fmt(g and g["loss"], digits=3),
+                     fmt(g and g["nll_loss"], digits=3), delta])
+    return ("## Training loss at the end\n\nWhat fairseq logged over the last 100 updates of "
+            "each run: the label-smoothed loss it optimises and the NLL of the reference tokens "
+            "(bits per target token). Runs of one seed draw the same batches in the same order, "
+            "so these compare the models on the same training data at equal updates.\n\n"
+            + table(["run", "routing", "updates", "loss", "NLL", "NLL − dense"], rows))
 
 
 def section_directions(results, key, title, pct=False):
@@ -311,6 +332,7 @@ def render(results, out_dir: Path, pivot=None, langid=None) -> str:
     parts = [head(), section_setup(results), section_status(results),
              section_averages(results, "bleu", "Average sacreBLEU"),
              section_averages(results, "chrf", "Average chrF"),
+             section_training_loss(results),
              section_directions(results, "bleu", "sacreBLEU per direction"),
              section_directions(results, "chrf", "chrF per direction"),
              section_directions(results, "off_target", "Off-target rate per direction", pct=True),
