@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,10 +37,14 @@ MOVED = {
 }
 
 
-def logger(name: str):
-    """print() with a "[name] " prefix, flushed: long jobs are watched as they run."""
+def logger(name: str, clock: bool = False):
+    """print() with a "[name] " prefix, flushed: long jobs are watched as they run. clock: the
+    prefix also gives the seconds since the logger was made ("[name    12.3s] ")."""
+    started = time.time()
+
     def log(msg):
-        print(f"[{name}] {msg}", flush=True)
+        when = f" {time.time() - started:7.1f}s" if clock else ""
+        print(f"[{name}{when}] {msg}", flush=True)
     return log
 
 

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional
 
 from research import libretranslate as lt
 from research.bench.load import REPO, read_sentences, running
+from research.common import logger
 
 CHAR_LIMIT = 200
 BATCH_LIMIT = 4
@@ -588,10 +589,7 @@ def main(argv=None):
     if not Path(args.checkpoint).exists():
         raise SystemExit(f"compat_matrix: {args.checkpoint} is missing: run `make demo` first, "
                          "or give --checkpoint, --data, --spm-model and --text-dir")
-    started = time.time()
-
-    def log(msg):
-        print(f"[compat_matrix {time.time() - started:6.1f}s] {msg}", flush=True)
+    log = logger("compat_matrix", clock=True)
 
     work = Path(args.work)
     packages = Path(args.packages) if args.packages else lt.export_packages(

@@ -51,6 +51,7 @@ from research import libretranslate as lt
 from research.bench.load import (REPO, _mb, build_cache, environment, measure, parse_counts,
                                  parse_pairs, positions, read_sentences, running, warm_up,
                                  workload)
+from research.common import logger
 
 SERVERS = ("taskmoe", "lt", "lt-tuned")
 LABELS = {"taskmoe": "taskmoe-serve", "lt": "LibreTranslate, defaults",
@@ -382,10 +383,7 @@ def main(argv=None):
     if not Path(args.checkpoint).exists():
         raise SystemExit(f"bench_libretranslate: {args.checkpoint} is missing: run `make demo` "
                          "first, or give --checkpoint, --data, --spm-model and --text-dir")
-    started = time.time()
-
-    def log(msg):
-        print(f"[bench_libretranslate {time.time() - started:7.1f}s] {msg}", flush=True)
+    log = logger("bench_libretranslate", clock=True)
 
     result = {"command": "python -m research.bench.libretranslate " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),

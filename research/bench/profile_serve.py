@@ -36,6 +36,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from research.bench.load import (REPO, build_cache, environment, read_sentences, run_load,
                                  running, warm_up, workload)
+from research.common import logger
 
 # (category, a regular expression matched against "function (file:line)" frames), in the order
 # a sample is tried: the engine before the request path, the frameworks last
@@ -209,10 +210,7 @@ def main(argv=None):
 
     from fairseq_taskmoe.atomic import write_text_atomically
 
-    started = time.time()
-
-    def log(msg):
-        print(f"[profile_serve {time.time() - started:6.1f}s] {msg}", flush=True)
+    log = logger("profile_serve", clock=True)
 
     work = Path(args.work)
     extra = ["--cache-dir", work / "cache", "--beam", args.beam, "--spm-model", args.spm_model,

@@ -32,12 +32,12 @@ import itertools
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from research.bench.load import (DEMO_PAIRS, REPO, _mb, batch_counts, build_cache, environment,
                                  parse_counts, parse_pairs, ratio, read_sentences,
                                  requests_per_call, run_load, running, warm_up, workload)
+from research.common import logger
 
 
 def parse_args(argv=None):
@@ -178,10 +178,7 @@ def main(argv=None):
     args = parse_args(argv)
     from fairseq_taskmoe.atomic import write_text_atomically
 
-    started = time.time()
-
-    def log(msg):
-        print(f"[bench_ray_serve {time.time() - started:7.1f}s] {msg}", flush=True)
+    log = logger("bench_ray_serve", clock=True)
 
     work = Path(args.work)
     sentences = read_sentences(args.text_dir, sorted({s for s, _ in args.pairs}))

@@ -64,6 +64,7 @@ from fairseq_taskmoe.serve.factory import default_threads
 from research.bench.load import (DEMO_PAIRS, REPO, _mb, build_cache, environment, measure,
                                  parse_counts, parse_pairs, random_sentences, ratio,
                                  read_sentences, running, running_all, warm_up, workload)
+from research.common import logger
 
 MODES = {"on": [], "off": ["--no-cross-batching", "--max-wait-ms", "0"]}
 
@@ -457,10 +458,7 @@ def main(argv=None):
     sys.path.insert(0, str(REPO))
     from fairseq_taskmoe.atomic import write_text_atomically
 
-    started = time.time()
-
-    def log(msg):
-        print(f"[bench_serve {time.time() - started:7.1f}s] {msg}", flush=True)
+    log = logger("bench_serve", clock=True)
 
     result = {"command": "python -m research.bench.serve " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),

@@ -60,6 +60,7 @@ from fairseq_taskmoe.serve.factory import default_threads
 from fairseq_taskmoe.distributed.checkpoints import find_checkpoint
 from research.bench.load import (REPO, _mb, build_cache, environment, measure, ratio, running,
                                  subnetwork_counts, warm_up)
+from research.common import logger
 
 HUB = "en"  # the pivot: LoHelp trains en->X and X->en only
 RUNS = REPO / "work" / "study-lohelp" / "runs"  # research.study --corpus lohelp's runs
@@ -603,10 +604,7 @@ def main(argv=None):
     sys.path.insert(0, str(REPO))
     from fairseq_taskmoe.atomic import write_text_atomically
 
-    started = time.time()
-
-    def log(msg):
-        print(f"[serve_many {time.time() - started:7.1f}s] {msg}", flush=True)
+    log = logger("serve_many", clock=True)
 
     result = {"command": "python -m research.bench.serve_many " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
