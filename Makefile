@@ -29,7 +29,7 @@ $(STAMP): setup.cfg setup.py Makefile
 	$(PIP) install -q fairscale==0.4.13 sentencepiece "sacrebleu[ja]>=2.0" pytest ctranslate2 matplotlib  # [ja]: MeCab for BLEU into Japanese
 	$(PIP) install -q spacy  # the blank pipeline an Argos package ships (the argos extra)
 	$(PIP) install -q "py3langid>=0.4"  # language detection beyond en/de/fr/cs (the langid extra)
-	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx python-multipart psutil libretranslatepy sentencex
+	$(PIP) install -q fastapi uvicorn prometheus-client limits httpx aiohttp python-multipart psutil libretranslatepy sentencex
 	$(PIP) install -q "ray[serve]==2.60.0"
 	$(PIP) install -q selenium
 	@echo "(a pip note that fairseq-fixed requires torchaudio is expected: it is never imported)"

@@ -57,7 +57,8 @@ def test_a_large_request_is_chunked_and_a_small_one_goes_between_its_chunks():
     from fairseq_taskmoe.serve.batcher import Batcher
 
     engine = RecordingEngine(hold_first=True)
-    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0)
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0,
+                      engine_batch=10)  # one engine batch per call: the calls are counted
     big = batcher.submit("k", job([f"b{i}" for i in range(50)]))
     assert engine.entered.wait(5)  # the first chunk is in the engine
     small = batcher.submit("k", job(["s"]))
@@ -67,6 +68,23 @@ def test_a_large_request_is_chunked_and_a_small_one_goes_between_its_chunks():
     assert all(sum(1 for _ in call) <= 10 for call in engine.calls)  # bounded calls
     assert len(engine.calls) == 6  # five chunks of ten and the small request's turn...
     assert "s" in engine.calls[1]  # ...right after the chunk that was running
+    batcher.close()
+
+
+def test_a_call_is_translated_longest_first_in_engine_batches_of_engine_batch_sentences():
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = RecordingEngine()
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=1000, max_wait_ms=0,
+                      engine_batch=8)
+    sizes = [(7 * i) % 20 + 1 for i in range(20)]  # 20 sentences of mixed lengths, one call
+    texts = [f"t{i}" for i in range(20)]
+    assert batcher.submit("k", job(texts, sizes)).result(5) == [[f"<{t}>"] for t in texts]
+    assert [len(call) for call in engine.calls] == [8, 8, 4]
+    order = [int(t[1:]) for call in engine.calls for t in call]
+    assert [sizes[i] for i in order] == sorted(sizes, reverse=True)  # similar lengths together
+    with pytest.raises(ValueError):
+        Batcher(FakeRegistry(engine), engine_batch=0)
     batcher.close()
 
 
@@ -85,14 +103,16 @@ def test_a_cancelled_job_stops_between_chunks():
     from fairseq_taskmoe.serve.batcher import Batcher
 
     engine = RecordingEngine(hold_first=True)
-    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0)
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=10, max_wait_ms=0,
+                      engine_batch=4)
     gone = batcher.submit("k", job([f"b{i}" for i in range(50)]))
     assert engine.entered.wait(5)
-    assert gone.cancel()  # the client went away while its first chunk ran
+    assert gone.cancel()  # the client went away while its first engine batch ran
     engine.release.set()
     after = batcher.submit("k", job(["next"]))
     assert after.result(5) == [["<next>"]]
-    assert [len(c) for c in engine.calls] == [10, 1]  # the other 40 texts were never translated
+    # the other 46 texts were never translated: not the rest of the call, nor later chunks
+    assert [len(c) for c in engine.calls] == [4, 1]
     assert batcher.pending() == 0
     batcher.close()
 

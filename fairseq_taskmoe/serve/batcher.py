@@ -5,7 +5,8 @@ A job is one request's sentences for one leg. Batching is continuous: a worker w
 idle takes what is waiting at once (one request alone when only one is there, never waiting for
 others to come), and the requests that arrive while its call runs form its next call
 (`max_wait_ms` > 0 adds an optional wait for more requests to share a call). A call takes
-sentences from the jobs in arrival order until `max_batch_tokens` source tokens are in it.
+sentences from the jobs in arrival order until `max_batch_tokens` source tokens are in it, and
+translates them longest first in engine batches of at most `engine_batch` sentences.
 
 Engine threads: the registry says how many calls one engine can run at once and how many
 threads each takes (`Registry.call_shape`: CTranslate2 runs `threads` calls of one thread each,
@@ -164,9 +165,10 @@ class _Queue:
 class Batcher:
     def __init__(self, registry, max_batch_tokens: int = 4096, max_wait_ms: float = 0.0,
                  max_queue: int = 256, metrics=None, cross_request: bool = True,
-                 load_timeout: float = 60.0, threads: int = 1):
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, not {threads}")
+                 load_timeout: float = 60.0, threads: int = 1, engine_batch: int = 8):
+        if threads < 1 or engine_batch < 1:
+            raise ValueError(f"threads and engine_batch must be >= 1, not {threads}, "
+                             f"{engine_batch}")
         self.registry, self.metrics = registry, metrics
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
@@ -174,6 +176,7 @@ class Batcher:
         self.cross_request = cross_request  # False: one request per engine call (benchmarks)
         self.load_timeout = load_timeout  # for a job without a deadline
         self.threads = threads  # engine threads of all sub-networks together
+        self.engine_batch = engine_batch  # sentences per engine batch within a call
         self._lock = threading.Lock()
         self._conds: Dict[str, threading.Condition] = {}
         self._queues: Dict[str, _Queue] = {}
@@ -359,26 +362,35 @@ class Batcher:
                 _settle(job.future, error=err)
 
     def _call(self, key: str, engine, chunks: List[Chunk]):
-        """ONE engine call for the chunks' inputs, longest first; results back per job."""
+        """ONE engine call for the chunks' inputs: longest first, in batches of at most
+        `engine_batch` sentences one after the other on this worker's thread (similar lengths
+        padded together: a batch of 32 mixed lengths decodes each step for its longest, and
+        beam search runs until its last sentence ends); results back per job as each batch
+        ends, and a job cancelled meanwhile is left out of the batches after."""
         live = [(job, taken) for job, taken in chunks if not job.over]
         if not live:
             return
         flat = sorted(((job, i) for job, taken in live for i in taken),
                       key=lambda ji: -ji[0].sizes[ji[1]])
         first = live[0][0]
-        try:
-            hyps = engine.translate([job.texts[i] for job, i in flat], first.src, first.tgt,
-                                    beam=first.beam, nbest=first.nbest)
-        except Exception as err:
-            log.exception("translation failed for sub-network %s", key)
-            for job, _ in live:
-                _settle(job.future, error=err)
-            return
         if self.metrics:
             self.metrics.batch_size.labels(key).observe(len(flat))
             self.metrics.batch_requests.labels(key).observe(len(live))
-        for (job, i), hyp in zip(flat, hyps):
-            job._answer(i, hyp)
+        for start in range(0, len(flat), self.engine_batch):
+            part = [(job, i) for job, i in flat[start:start + self.engine_batch]
+                    if not job.over]  # a job cancelled meanwhile is not translated further
+            if not part:
+                continue
+            try:
+                hyps = engine.translate([job.texts[i] for job, i in part], first.src,
+                                        first.tgt, beam=first.beam, nbest=first.nbest)
+            except Exception as err:
+                log.exception("translation failed for sub-network %s", key)
+                for job in {job for job, _ in flat[start:]}:
+                    _settle(job.future, error=err)
+                return
+            for (job, i), hyp in zip(part, hyps):
+                job._answer(i, hyp)
 
     def close(self, timeout: float = 60.0):
         """Take nothing new, answer what was accepted, stop the workers."""

@@ -31,7 +31,7 @@ def batcher_options(args) -> dict:
     optional wait, the queue, the process's budget of engine threads."""
     return dict(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                 max_queue=args.max_queue, cross_request=not args.no_cross_batching,
-                threads=args.threads, load_timeout=args.timeout)
+                threads=args.threads, load_timeout=args.timeout, engine_batch=args.engine_batch)
 
 
 def default_threads(engine: str = "embedded", replicas: int = 1) -> int:
@@ -60,7 +60,8 @@ def check(args):
         raise ConfigError(f"--data {args.data} is not a folder")
     if args.spm_model and not os.path.isfile(args.spm_model):
         raise ConfigError(f"--spm-model {args.spm_model} does not exist")
-    for name in ("char_limit", "batch_limit", "max_batch_tokens", "max_queue", "threads", "beam"):
+    for name in ("char_limit", "batch_limit", "max_batch_tokens", "engine_batch", "max_queue",
+                 "threads", "beam"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
