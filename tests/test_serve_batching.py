@@ -216,12 +216,32 @@ def test_idle_workers_share_what_waits_and_a_whole_budget_call_runs_alone():
     engine.gates["x"].set()
     assert whole.result(5) == [["<x>"]]
     wait_for(lambda: engine.running == 2)  # both de calls run, held
-    # shared out: the first takes half of the 8 (the other worker is idle and a thread free),
-    # the second all that is left (no other call of "de" can start: nothing is left waiting)
-    assert [len(c) for c in engine.calls[1:]] == [4, 4]
+    # shared out: the first takes half of the 8, the second half of what is left (the first
+    # takes its share of the rest, and of what arrives meanwhile, when its call ends)
+    assert [len(c) for c in engine.calls[1:]] == [4, 2]
     engine.release.set()
     assert [f.result(5) for f in waiting] == [[[f"<d{i}>"]] for i in range(8)]
-    assert [len(c) for c in engine.calls[1:]] == [4, 4]
+    assert [len(c) for c in engine.calls[1:]] == [4, 2, 1, 1]  # the last two: one each
+    batcher.close()
+
+
+def test_a_worker_with_no_thread_to_run_on_gets_no_share():
+    """Both threads busy with another sub-network's calls: when one comes free, the call that
+    starts takes all that waits (a share left for a worker with no thread would only wait)."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    engine = GatedEngine({"f0": threading.Event(), "f1": threading.Event()})
+    batcher = Batcher(ShapedRegistry(engine, {"de": (2, 1), "fr": (2, 1)}), threads=2)
+    held = [batcher.submit("fr", job([name])) for name in ("f0", "f1")]
+    wait_for(lambda: engine.running == 2)
+    waiting = [batcher.submit("de", job([f"d{i}"])) for i in range(8)]
+    time.sleep(0.1)
+    engine.release.set()
+    engine.gates["f0"].set()  # one thread comes free, the other stays with f1
+    assert [f.result(5) for f in waiting] == [[[f"<d{i}>"]] for i in range(8)]
+    assert [len(c) for c in engine.calls[2:]] == [8]
+    engine.gates["f1"].set()
+    assert [f.result(5) for f in held] == [[["<f0>"]], [["<f1>"]]]
     batcher.close()
 
 
