@@ -2,15 +2,14 @@
 
 The data goes to a temporary file in the destination's folder, is flushed and fsynced, gets the
 permissions a plain `open()` would give it (mkstemp creates 0600), and is renamed over the
-destination; the folder is fsynced so the rename survives a crash.
+destination; the folder is fsynced so the rename survives a crash. Imports no torch
+(write_atomically imports it when called without `save`): a server on a warm cache never loads it.
 """
 
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Callable, IO, Iterator
-
-import torch
+from typing import Callable, IO, Iterator, Optional
 
 
 def current_umask() -> int:
@@ -50,7 +49,11 @@ def write_text_atomically(path: str, text: str):
         f.write(text)
 
 
-def write_atomically(obj, path: str, save: Callable = torch.save):
-    """torch.save(obj) to `path` atomically."""
+def write_atomically(obj, path: str, save: Optional[Callable] = None):
+    """save(obj, f) to `path` atomically; `save` defaults to torch.save."""
+    if save is None:
+        import torch
+
+        save = torch.save
     with atomic_file(path) as f:
         save(obj, f)

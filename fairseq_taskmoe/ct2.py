@@ -24,6 +24,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 from .moe.pairs import language_tokens, serves  # plain Python, shared with prune and export
 
 CONVENTION_FILE = "taskmoe_export.json"  # same name as export.CONVENTION_FILE (no fairseq here)
+# CTranslate2's weight types (ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES), listed here so
+# that --help, taskmoe-export --format fairseq and taskmoe-serve's options work without
+# CTranslate2 installed, and taskmoe-serve's without torch (cli/export.py imports deploy/)
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                 "bfloat16", "float32")
 
 
 class CT2Translator:

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "fairseq_taskmoe"
 
@@ -77,6 +79,31 @@ def test_moe_imports_no_fairseq():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"ok {len(names)}"
+
+
+def test_the_servers_modules_import_neither_torch_nor_fairseq():
+    """taskmoe-serve's modules (the command, the service, the registry, the engines) import
+    torch and fairseq only where a checkpoint is read, an artifact built or the fairseq backend
+    run: a warm start on CTranslate2 needs neither (tests/test_serve_registry.py serves one)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None:
+        pytest.skip("the serve extra is not installed")
+    names = ["fairseq_taskmoe.cli.serve", "fairseq_taskmoe.serve.factory",
+             "fairseq_taskmoe.serve.app", "fairseq_taskmoe.serve.engines"]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "from fairseq_taskmoe.serve.registry import ARTIFACT_CODE, FACTS_CODE, code_version\n"
+        "code_version(ARTIFACT_CODE), code_version(FACTS_CODE)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fairseq'))\n"
+        "print(loaded[:5])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", f"imported {done.stdout.strip()}"
 
 
 def test_package_imports_point_one_way():

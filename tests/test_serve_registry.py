@@ -1,7 +1,8 @@
 """taskmoe-serve's sub-network registry (serve/registry.py) and engines: the cache, failures,
-eviction and memory accounting (issue 26), on the session's tiny trained task-MoE and a dense
-twin of it. Most tests drive the Registry directly with the fairseq backend (no export to
-build); the ones about CTranslate2 or the start-up go through the real server."""
+eviction and memory accounting (issue 26), and a warm start that reads the checkpoint's facts
+from the cache (facts.json) and imports neither torch nor fairseq, on the session's tiny trained
+task-MoE and a dense twin of it. Most tests drive the Registry directly with the fairseq backend
+(no export to build); the ones about CTranslate2 or the start-up go through the real server."""
 
 import gc
 import os
@@ -458,3 +459,136 @@ def test_ct2_decoding_is_bounded_by_the_decoders_positions(trained_tiny, tiny_da
     engine.mt.translator = Recording(engine.mt.translator)
     engine.translate(["e1 e2 e3"], "en", "de", beam=2)
     assert seen["max_decoding_length"] == 11 + 1  # decoder positions - 1, plus the __de__ prefix
+
+
+# --- a warm start reads facts.json, not the checkpoint: no torch, no fairseq -------------------
+
+# taskmoe-serve's own start-up (cli/serve.py's parser and make_service, the app under uvicorn on
+# 127.0.0.1) in a fresh process: asks /health and one /translate per pair, stops, and prints the
+# answers and which of torch and fairseq it imported
+WARM_START = r"""
+import json, sys, threading, time
+import httpx, uvicorn
+from fairseq_taskmoe.cli.serve import build_parser, make_service
+from fairseq_taskmoe.serve.app import create_app
+
+pairs, args = json.loads(sys.argv[1]), build_parser().parse_args(sys.argv[2:])
+service, keys = make_service(args)
+server = uvicorn.Server(uvicorn.Config(create_app(service, keys), host="127.0.0.1",
+                                       port=args.port, log_level="warning"))
+thread = threading.Thread(target=server.run, daemon=True)
+thread.start()
+deadline = time.time() + 60
+while not server.started:
+    assert time.time() < deadline and thread.is_alive(), "server did not start"
+    time.sleep(0.05)
+url = f"http://127.0.0.1:{args.port}"
+health = httpx.get(url + "/health", timeout=30).status_code
+answers = {}
+for pair, q in pairs.items():
+    src, tgt = pair.split("-")
+    answers[pair] = httpx.post(url + "/translate", json={"q": q, "source": src, "target": tgt},
+                               timeout=60).json()
+server.should_exit = True
+thread.join(30)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "fairseq"))
+print(json.dumps({"health": health, "answers": answers, "loaded": loaded[:10]}))
+"""
+
+
+def test_a_warm_start_imports_neither_torch_nor_fairseq_and_answers_the_same(trained_tiny,
+                                                                             tiny_data, tmp_path):
+    """The first start reads the checkpoint (torch) and builds; a later one on the same cache,
+    in a fresh process as taskmoe-serve starts, finds every artifact and the checkpoint's facts
+    in the cache and serves the same answers without ever importing torch or fairseq."""
+    pytest.importorskip("ctranslate2")
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import ENV, REPO
+    from test_serve import free_port
+
+    cache = tmp_path / "cache"
+    argv = [trained_tiny, "--data", tiny_data, "--cache-dir", cache, "--beam", "4"]
+    pairs = {"en-de": sentences(tiny_data, "en")[0], "de-en": sentences(tiny_data, "de")[0],
+             "de-fr": sentences(tiny_data, "de")[1]}  # de-fr: a pivot, through en
+    cold = {}
+    with serving(argv) as (url, service):  # the cold start, in this process
+        assert service.registry.backend == "ctranslate2"
+        for pair, q in pairs.items():
+            src, tgt = pair.split("-")
+            cold[pair] = post(url, "/translate", json={"q": q, "source": src,
+                                                       "target": tgt}).json()
+    assert (Path(service.registry.root) / "facts.json").is_file()
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_START, json.dumps(pairs),
+         *[str(a) for a in argv], "--port", str(free_port()), "--log-level", "warning"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warm = json.loads(done.stdout.strip().splitlines()[-1])
+    assert warm["health"] == 200
+    assert warm["answers"] == cold and all("translatedText" in a for a in cold.values())
+    assert warm["loaded"] == [], f"a warm start imported {warm['loaded']}"
+
+
+def test_facts_are_keyed_by_the_checkpoints_bytes_and_a_bad_file_is_read_again(
+        trained_tiny, tiny_data, tmp_path, monkeypatch):
+    """facts.json lives in the checkpoint digest's folder and records the digest: a changed
+    checkpoint (other bytes) never reads another's facts; a missing, corrupt or malformed file
+    is read from the checkpoint again (no crash) and rewritten."""
+    import json
+
+    import torch
+
+    from fairseq_taskmoe.integration.compat import load_checkpoint
+    from fairseq_taskmoe.serve.registry import Registry
+
+    reads = []
+    original = Registry._checkpoint_facts
+
+    def counted(self):
+        reads.append(self.checkpoint)
+        return original(self)
+
+    monkeypatch.setattr(Registry, "_checkpoint_facts", counted)
+    first = registry(trained_tiny, tiny_data, tmp_path)
+    first.prepare([])  # writes facts.json (nothing to build)
+    facts = Path(first.root) / "facts.json"
+    record = json.loads(facts.read_text())
+    assert record["facts"] == first.facts.as_json() and record["full_bytes"] == first.full_bytes
+    assert reads == [str(trained_tiny)]
+
+    def start():
+        reg = registry(trained_tiny, tiny_data, tmp_path)
+        assert (reg.facts, reg.full_bytes, reg.max_source_positions, reg.max_target_positions) == (
+            first.facts, first.full_bytes, first.max_source_positions, first.max_target_positions)
+        return reg
+
+    start()
+    assert len(reads) == 1  # warm: from facts.json
+    for bad in (None, "{not json", "[]", json.dumps(dict(record, full_bytes="many")),
+                json.dumps(dict(record, facts=dict(record["facts"], langs="en,de"))),
+                json.dumps(dict(record, code="another version"))):
+        if bad is None:
+            facts.unlink()
+        else:
+            facts.write_text(bad)
+        before = len(reads)
+        start().prepare([])
+        assert len(reads) == before + 1, bad  # read from the checkpoint again ...
+        assert json.loads(facts.read_text()) == record  # ... and rewritten
+    # a changed checkpoint: other bytes, other facts, another folder; even handed the old facts
+    state = load_checkpoint(str(trained_tiny))
+    state["cfg"]["model"].max_target_positions = 77
+    changed = tmp_path / "changed.pt"
+    torch.save(state, changed)
+    other = registry(changed, tiny_data, tmp_path)
+    assert other.root != first.root and other.max_target_positions == 77
+    assert reads[-1] == str(changed)
+    other.prepare([])
+    shutil.copyfile(facts, Path(other.root) / "facts.json")  # the digest inside differs
+    before = len(reads)
+    again = registry(changed, tiny_data, tmp_path)
+    assert again.max_target_positions == 77 and reads[before:] == [str(changed)]
+    assert first.facts == again.facts  # the languages and routing are the same model's

@@ -17,6 +17,7 @@ import os
 import sys
 
 from ..atomic import write_atomically
+from ..ct2 import QUANTIZATIONS  # CTranslate2's weight types, without CTranslate2
 from ..deploy.argos import (CHUNK_TYPE_SETTING, argos_tokens, check_spacy_pipeline, package_name,
                            write_argos_package)
 from ..deploy.export import (CONVENTION_FILE, ExportError, extract_dense, fairseq_flags,
@@ -24,11 +25,6 @@ from ..deploy.export import (CONVENTION_FILE, ExportError, extract_dense, fairse
 from ..deploy.pruning import PruningError
 from ..distributed.checkpoints import CheckpointError, find_checkpoint, load_any
 from ..integration.compat import load_checkpoint
-
-# CTranslate2's weight types (ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES), listed here so
-# that --help and --format fairseq work without CTranslate2 installed
-QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
-                 "bfloat16", "float32")
 
 
 def build_parser():

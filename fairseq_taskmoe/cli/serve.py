@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Dict, List
 
-from ..cli.export import QUANTIZATIONS
+from ..ct2 import QUANTIZATIONS  # not cli/export.py: that imports torch and fairseq
 
 # A request's worst case at these limits is a few seconds of engine time on a CPU: 20,000
 # characters are about 150-250 sentences (LibreTranslate leaves both unlimited by default, which

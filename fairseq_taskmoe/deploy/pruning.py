@@ -25,14 +25,12 @@ from torch import Tensor
 
 from ..integration.config import MODEL_NAME, MoEConfig
 from ..moe.experts import merge_ffns
-from ..moe.pairs import served_pairs
+# the pair syntax, the untrained-route rule and PruningError are plain Python (moe/pairs.py), so
+# that the server reads them without torch; imported here as the pruner's own
+from ..moe.pairs import PruningError, parse_pairs, served_pairs, untrained_routes  # noqa: F401
 from ..moe.routing import TASK_ROUTING_KINDS, TaskIds, num_task_ids, task_logit_table, top_k_route
 
 _EXPERT_KEY = re.compile(r"^experts\.experts\.(\d+)\.(fc[12]\.(?:weight|bias))$")
-
-
-class PruningError(ValueError):
-    """Bad input to the pruner; the message names the problem and the fix."""
 
 
 @dataclass
@@ -77,30 +75,6 @@ def model_args(state: dict):
             "translation_task_moe"
         )
     return args
-
-
-def parse_pairs(spec: str, langs: Sequence[str]) -> List[Tuple[str, str]]:
-    """'en-de,en-fr' -> [('en','de'), ('en','fr')]; '*-de' -> every other language into de."""
-    pairs = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        src, sep, tgt = item.partition("-")
-        if not sep or not src or not tgt:
-            raise PruningError(f"bad language pair {item!r}: write it as SRC-TGT, e.g. en-de")
-        for lang in (src, tgt):
-            if lang != "*" and lang not in langs:
-                raise PruningError(
-                    f"unknown language {lang!r} in {item!r}; this checkpoint knows "
-                    f"{', '.join(langs)}"
-                )
-        if tgt == "*":
-            raise PruningError(f"{item!r}: the target language must be given")
-        if src == tgt:
-            raise PruningError(f"{item!r}: source and target are the same language")
-        sources = [l for l in langs if l != tgt] if src == "*" else [src]
-        pairs += [(s, tgt) for s in sources if (s, tgt) not in pairs]
-    if not pairs:
-        raise PruningError("no language pair given: use e.g. --lang-pair en-de")
-    return pairs
 
 
 def _ffn_params(units: Sequence[Dict[str, Tensor]]) -> int:
@@ -178,21 +152,6 @@ def trained_pairs(state: dict) -> Optional[List[Tuple[str, str]]]:
         return None
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     return [tuple(p.strip().split("-", 1)) for p in items if p.strip()]
-
-
-def untrained_routes(pairs, kinds, trained, unseen_policy: str) -> List[str]:
-    """Pairs whose route some pruned layer reads from a gate row that training never updated:
-    lang_pair routing of a pair not trained (unless the target_mean policy routes it by the
-    trained pairs into its target), target routing into a language never a target."""
-    out = []
-    targets = {tt for _, tt in trained}
-    for s, t in pairs:
-        borrowed = unseen_policy == "target_mean" and t in targets
-        if "lang_pair" in kinds and (s, t) not in trained and not borrowed:
-            out.append(f"{s}-{t} (lang_pair routing: pair never trained)")
-        elif "target" in kinds and t not in targets:
-            out.append(f"{s}-{t} (target routing: {t} was never a training target)")
-    return out
 
 
 def prune_checkpoint(state: dict, pair_spec: str, merge: bool = True,

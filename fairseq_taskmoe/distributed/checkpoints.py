@@ -17,6 +17,10 @@ stored by parameter name because torch numbers it by position in the model's par
 which depends on the world size; `param_names` turns it back into positions for any world size.
 `save_id` (one per save, the same on all ranks) rejects a rank file from another run or save;
 `shared_digest` (a hash of the shared parameters each rank holds) rejects ranks that diverged.
+
+torch and the checkpoint loader (integration/compat.py) are imported where a file is read or a
+tensor hashed, not with the module: finding a checkpoint's files (`find_checkpoint`,
+`checkpoint_files`, `Found`) loads neither, which is what taskmoe-serve does on a warm cache.
 """
 
 import glob
@@ -26,12 +30,12 @@ import re
 import shlex
 import shutil
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set
-
-import torch
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set
 
 from ..atomic import atomic_file
-from ..integration.compat import load_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 RANK_FILE = re.compile(r"^(?P<prefix>.*)-rank-(?P<rank>\d+)\.pt$")
 
@@ -196,8 +200,10 @@ def optimizer_state_by_index(named: dict, names: Sequence[str]) -> dict:
 
 # --- split (save) ---------------------------------------------------------------------------
 
-def parameters_digest(model_state: Dict[str, torch.Tensor], keys: Iterable[str]) -> str:
+def parameters_digest(model_state: Dict[str, "torch.Tensor"], keys: Iterable[str]) -> str:
     """A hash of the given tensors' bytes: equal on every rank iff their values are equal."""
+    import torch
+
     h = hashlib.sha1()
     for key in sorted(keys):
         value = model_state[key]
@@ -246,6 +252,8 @@ def split_checkpoint(state: dict, local_names: Sequence[str], expert_keys: Set[s
 # --- read and merge (load, consolidate) -------------------------------------------------------
 
 def _load(path: str, mmap: bool = False) -> dict:
+    from ..integration.compat import load_checkpoint
+
     try:
         return load_checkpoint(path, mmap=mmap)  # weights only, fairseq's types allowed
     except Exception as err:  # truncated zip, not a pickle, ...

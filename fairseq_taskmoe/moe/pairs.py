@@ -3,7 +3,9 @@
 by taskmoe-prune (what a pruned checkpoint records), the plugin's start-up check (task.py),
 taskmoe-export (what an export records), the CTranslate2 API (ct2.py) and the server's engines.
 Plain Python that imports nothing, so that ct2.py (and a translation service) can use it without
-torch or fairseq.
+torch or fairseq: with it the pair syntax of --lang-pair / --pairs (`parse_pairs`, raising
+PruningError), the pruner's rule of untrained routes (`untrained_routes`) and the task-routed
+kinds (`TASK_ROUTING_KINDS`), which the server's routes read.
 
 A served entry is `SRC-TGT` (that pair), `*-TGT` (any source language into TGT) or `*-*` (any
 pair). What a model serves follows from how its task-specific MoE layers route:
@@ -20,10 +22,17 @@ pair). What a model serves follows from how its task-specific MoE layers route:
     serves(["*-de"], "fr", "de")                                 # True
 """
 
-from typing import Iterable, List, Tuple, Union
+from typing import Iterable, List, Sequence, Tuple, Union
 
-TARGET, LANG_PAIR = "target", "lang_pair"  # the task-routed kinds (routing.TASK_ROUTING_KINDS)
+TARGET, LANG_PAIR = "target", "lang_pair"
+TASK_ROUTING_KINDS = (TARGET, LANG_PAIR)  # the kinds a sub-network is pruned by (routing.py's)
 ANY = "*"
+
+
+class PruningError(ValueError):
+    """Bad input to the pruner; the message names the problem and the fix. Defined here, with
+    the pair syntax it reports on, so that the server catches it without importing torch
+    (deploy/pruning.py raises it too and exports the same class)."""
 
 Pair = Union[str, Tuple[str, str]]  # "en-de" or ("en", "de")
 
@@ -81,3 +90,43 @@ def language_tokens(convention: dict, src: str, tgt: str) -> Tuple[List[str], Li
     source = {"src": [fmt.format(src)], "tgt": [fmt.format(tgt)]}.get(encoder, [])
     target = [fmt.format(tgt)] if convention.get("decoder_langtok") else []
     return source, target
+
+
+def parse_pairs(spec: str, langs: Sequence[str]) -> List[Tuple[str, str]]:
+    """'en-de,en-fr' -> [('en','de'), ('en','fr')]; '*-de' -> every other language into de.
+    PruningError names a bad item and the languages known."""
+    pairs = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        src, sep, tgt = item.partition("-")
+        if not sep or not src or not tgt:
+            raise PruningError(f"bad language pair {item!r}: write it as SRC-TGT, e.g. en-de")
+        for lang in (src, tgt):
+            if lang != ANY and lang not in langs:
+                raise PruningError(
+                    f"unknown language {lang!r} in {item!r}; this checkpoint knows "
+                    f"{', '.join(langs)}"
+                )
+        if tgt == ANY:
+            raise PruningError(f"{item!r}: the target language must be given")
+        if src == tgt:
+            raise PruningError(f"{item!r}: source and target are the same language")
+        sources = [l for l in langs if l != tgt] if src == ANY else [src]
+        pairs += [(s, tgt) for s in sources if (s, tgt) not in pairs]
+    if not pairs:
+        raise PruningError("no language pair given: use e.g. --lang-pair en-de")
+    return pairs
+
+
+def untrained_routes(pairs, kinds, trained, unseen_policy: str) -> List[str]:
+    """Pairs whose route some pruned layer reads from a gate row that training never updated:
+    lang_pair routing of a pair not trained (unless the target_mean policy routes it by the
+    trained pairs into its target), target routing into a language never a target."""
+    out = []
+    targets = {tt for _, tt in trained}
+    for s, t in pairs:
+        borrowed = unseen_policy == "target_mean" and t in targets
+        if LANG_PAIR in kinds and (s, t) not in trained and not borrowed:
+            out.append(f"{s}-{t} (lang_pair routing: pair never trained)")
+        elif TARGET in kinds and t not in targets:
+            out.append(f"{s}-{t} (target routing: {t} was never a training target)")
+    return out

@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .pairs import TASK_ROUTING_KINDS  # noqa: F401  (target, lang_pair; defined torch-free)
+
 ROUTING_KINDS = ("token", "sentence", "target", "lang_pair")
-TASK_ROUTING_KINDS = ("target", "lang_pair")
 
 
 @dataclass(frozen=True)

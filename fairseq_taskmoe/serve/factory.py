@@ -11,8 +11,8 @@ import importlib.util
 import logging
 import os
 
-from ..deploy.pruning import PruningError
 from ..distributed.checkpoints import CheckpointError
+from ..moe.pairs import PruningError
 from .keys import KeyGuard, load_keys
 from .metrics import Metrics
 from .registry import Registry, parse_size
@@ -93,14 +93,13 @@ def make_service(args):
         keys = KeyGuard(load_keys(args.api_keys)) if args.api_keys else KeyGuard()
     except (OSError, ValueError) as err:
         raise ConfigError(f"--api-keys: {err}") from None
-    import torch
-
-    torch.set_num_threads(args.threads)  # the fairseq engine's threads; explicit (Ray sets 1)
     try:
+        # torch_threads: the fairseq engine's (and a build's) threads, set when torch is first
+        # used; a warm start on CTranslate2 never imports torch
         registry = Registry(args.checkpoint, args.data, args.spm_model, backend=args.backend,
                             quantization=args.quantization, cache_dir=args.cache_dir,
                             memory_budget=budget, threads=args.threads, metrics=Metrics(),
-                            load_timeout=args.timeout)
+                            load_timeout=args.timeout, torch_threads=args.threads)
         allowed = parse_pairs_option(args.pairs, registry.facts.langs)
         routes = plan_routes(registry.facts, args.pivot, allowed)
     except (FileNotFoundError, CheckpointError, PruningError, RouteError) as err:

@@ -23,6 +23,18 @@ checkpoint itself (fairseq, nothing to build) is always the file given now. File
 only through `_remove`, which refuses anything outside the cache folder: the server never
 deletes a file of the user's.
 
+Start-up: the checkpoint digest is computed first (bytes only). What start-up needs of the
+checkpoint (languages, trained pairs, routing kinds, a pruned checkpoint's served pairs and the
+layers it cannot export, the weights' bytes, the max positions) is kept beside the variants in
+`CACHE/<checkpoint digest>/facts.json`, written atomically by the start that read the checkpoint
+and recording the full digest and the hash of the code that computes it (`FACTS_CODE`): a later
+start with the same bytes reads it instead. So a warm start on CTranslate2 (facts.json, plan and
+every artifact present) imports neither torch nor fairseq: it loads the CTranslate2 models, the
+SentencePiece model and the dictionaries. The first start, a changed checkpoint, a missing,
+corrupt or other code's facts.json (read again and rewritten), a build, or the fairseq backend
+import torch (and fairseq where they read or run a model), when first needed; `torch_threads`
+is set then.
+
 Failures: an artifact that fails to load is rebuilt only when it is proven corrupt (missing, or
 its sha256 differs from the plan's); any other failure (MemoryError, a file still being copied)
 leaves it in place. Either way a failure is remembered on the sub-network with its reason: its
@@ -54,14 +66,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
+# torch-free imports only: torch and fairseq (pruning, checkpoint loading, the model's config)
+# are imported where a checkpoint is read, so that a warm start on CTranslate2 loads neither
 from ..atomic import write_atomically, write_text_atomically
-from ..deploy.pruning import (PruningError, count_parameters, model_args, prune_checkpoint,
-                              trained_pairs)
 from ..distributed.checkpoints import Found, checkpoint_files, find_checkpoint, load_any
-from ..integration.compat import load_checkpoint
-from ..integration.config import MoEConfig
-from ..moe.pairs import served_pairs, serves  # the one rule of what a pruned/exported model serves
-from ..moe.routing import TASK_ROUTING_KINDS
+# the one rule of what a pruned/exported model serves
+from ..moe.pairs import TASK_ROUTING_KINDS, PruningError, served_pairs, serves
 from .routes import ModelFacts
 
 log = logging.getLogger("taskmoe.serve")
@@ -72,6 +82,9 @@ SAMPLED_ABOVE = 512 << 20  # files larger than this are hashed by sampling
 ARTIFACT_CODE = ("fairseq_taskmoe.deploy.pruning", "fairseq_taskmoe.deploy.export",
                  "fairseq_taskmoe.moe.experts", "fairseq_taskmoe.moe.routing",
                  "fairseq_taskmoe.moe.pairs", __name__)
+# the modules whose code decides what facts.json holds (what start-up reads of a checkpoint)
+FACTS_CODE = ("fairseq_taskmoe.deploy.pruning", "fairseq_taskmoe.integration.config",
+              "fairseq_taskmoe.serve.routes", __name__)
 RETRY_FIRST, RETRY_MAX = 2.0, 120.0  # seconds before a failed sub-network is tried again
 
 
@@ -174,12 +187,13 @@ def artifact_checksum(path: str) -> str:
 
 @lru_cache(maxsize=None)
 def code_version(modules: Sequence[str] = ARTIFACT_CODE) -> str:
-    """sha256 of the source files of `modules`: what replaces a hand-bumped artifact version."""
-    import importlib
+    """sha256 of the source files of `modules`: what replaces a hand-bumped artifact version.
+    The files are found without importing the modules (those of ARTIFACT_CODE import torch)."""
+    import importlib.util
 
     h = hashlib.sha256()
     for name in modules:
-        path = importlib.import_module(name).__file__
+        path = importlib.util.find_spec(name).origin
         h.update(name.encode())
         with open(path, "rb") as f:
             h.update(f.read())
@@ -216,6 +230,8 @@ def _tree_bytes(path: str) -> int:
 def _unexportable_layers(args) -> List[str]:
     """The MoE layers of a pruned checkpoint that have no one dense FFN per pair (pruned
     without merging, or kept whole): export.extract_dense refuses them."""
+    from ..integration.config import MoEConfig
+
     moe = MoEConfig.from_namespace(args)
     layout = moe.pruned_layout()
     layers = layout.get("layers", {})
@@ -270,12 +286,14 @@ class Registry:
     """Sub-networks of one checkpoint for one backend and quantization.
 
     load_timeout: how long `use` waits for room under the memory budget when the caller gives
-    no timeout (seconds)."""
+    no timeout (seconds). torch_threads: torch's threads, set the first time this registry
+    imports torch (taskmoe-serve: --threads; None leaves them as they are)."""
 
     def __init__(self, checkpoint: str, data: str, spm_model: Optional[str],
                  backend: str = "ctranslate2", quantization: Optional[str] = "int8",
                  cache_dir: str = "work/serve-cache", memory_budget: Optional[int] = None,
-                 threads: int = 1, metrics=None, load_timeout: float = 60.0):
+                 threads: int = 1, metrics=None, load_timeout: float = 60.0,
+                 torch_threads: Optional[int] = None):
         found = find_checkpoint(checkpoint)
         if found is None:
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (neither a file nor "
@@ -284,24 +302,20 @@ class Registry:
         self.data, self.spm_model = data, spm_model
         self.threads, self.metrics = threads, metrics
         self.memory_budget, self.load_timeout = memory_budget, load_timeout
-        header = load_checkpoint(found.path, mmap=True)  # tensors stay on disk (mapped)
-        self.args = model_args(header)
-        self.facts = ModelFacts.from_checkpoint(self.args, trained_pairs(header))
-        # the model weights' bytes (not the files': those hold the optimizer state too)
-        self.full_bytes = model_bytes(header["model"]) + sum(
-            model_bytes(load_checkpoint(path, mmap=True).get("model", {}))
-            for path in checkpoint_files(found)[1:])
-        del header
-        self.max_source_positions = int(getattr(self.args, "max_source_positions", 1024) or 1024)
-        self.max_target_positions = int(getattr(self.args, "max_target_positions", 1024) or 1024)
+        self.torch_threads, self._torch_set = torch_threads, False
+        self.digest = checkpoint_digest(found)  # bytes only: no torch
+        self.cache_dir = os.path.abspath(cache_dir)
+        self.root = os.path.join(self.cache_dir, self.digest[:24])  # this checkpoint's folder
+        # facts, full_bytes, max_source/target_positions, unexportable_layers
+        self._unsaved_facts = self._know_checkpoint()
         self.backend, self.backend_note = self._choose_backend(backend)
+        if self.backend == "fairseq":
+            self._before_torch()  # here, in the main thread: the engines run on torch
         self.quantization = quantization if self.backend == "ctranslate2" else None
-        self.digest = checkpoint_digest(found)
         self.inputs = self._artifact_inputs()
         inputs = hashlib.sha256(json.dumps(self.inputs, sort_keys=True).encode()).hexdigest()
         variant = f"{self.backend}-{self.quantization or 'float32'}-{inputs[:16]}"
-        self.cache_dir = os.path.abspath(cache_dir)
-        self.cache = os.path.join(self.cache_dir, self.digest[:24], variant)
+        self.cache = os.path.join(self.root, variant)
         self.full_params: Optional[int] = None
         self.subnets: Dict[str, Subnetwork] = {}
         self.pair_to_key: Dict[Pair, str] = {}
@@ -312,6 +326,88 @@ class Registry:
         self._loading: set = set()
         self._reserved = 0
         self.loads = self.evictions = 0
+
+    # --- what start-up knows of the checkpoint: facts.json, else the checkpoint ----------------
+
+    def _before_torch(self):
+        """Called before this registry uses torch (reading the checkpoint, building, the
+        fairseq backend): sets torch's threads to torch_threads, once."""
+        if self.torch_threads and not self._torch_set:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)  # explicit: Ray sets 1
+            self._torch_set = True
+
+    def _facts_file(self) -> str:
+        return os.path.join(self.root, "facts.json")
+
+    def _know_checkpoint(self) -> Optional[dict]:
+        """Set what start-up needs of the checkpoint (_apply_facts) from facts.json when it was
+        written for these bytes (digest) by this code (FACTS_CODE); else from the checkpoint
+        itself, and return that record for prepare() to write (None when read from the file)."""
+        path = self._facts_file()
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            if (record.get("checkpoint_digest"), record.get("code")) == (
+                    self.digest, code_version(FACTS_CODE)):
+                self._apply_facts(record)
+                return None
+            log.info("%s was written by another version of the server: reading the checkpoint",
+                     path)
+        except (FileNotFoundError, NotADirectoryError):  # the first start (or no cache yet)
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("%s cannot be used (%s: %s): reading the checkpoint and rewriting it",
+                        path, type(err).__name__, err)
+        record = self._checkpoint_facts()
+        self._apply_facts(record)
+        return record
+
+    def _checkpoint_facts(self) -> dict:
+        """facts.json's record, read from the checkpoint (its header, tensors mapped, not read;
+        the rank files of a sharded one for their bytes): torch and fairseq are imported."""
+        self._before_torch()
+        from ..deploy.pruning import model_args, trained_pairs
+        from ..integration.compat import load_checkpoint
+
+        log.info("reading %s (its languages, routing, size)", self.checkpoint)
+        header = load_checkpoint(self.found.path, mmap=True)  # tensors stay on disk (mapped)
+        args = model_args(header)
+        facts = ModelFacts.from_checkpoint(args, trained_pairs(header))
+        # the model weights' bytes (not the files': those hold the optimizer state too)
+        full_bytes = model_bytes(header["model"]) + sum(
+            model_bytes(load_checkpoint(path, mmap=True).get("model", {}))
+            for path in checkpoint_files(self.found)[1:])
+        return {"checkpoint_digest": self.digest, "code": code_version(FACTS_CODE),
+                "facts": facts.as_json(), "full_bytes": full_bytes,
+                "max_source_positions": int(getattr(args, "max_source_positions", 1024) or 1024),
+                "max_target_positions": int(getattr(args, "max_target_positions", 1024) or 1024),
+                # only a pruned checkpoint's are asked (_choose_backend)
+                "unexportable_layers": (_unexportable_layers(args) if facts.served is not None
+                                        else [])}
+
+    def _apply_facts(self, record: dict):
+        """The record's values on self; KeyError, TypeError or ValueError when malformed."""
+        layers = record["unexportable_layers"]
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise TypeError("unexportable_layers must be a list of layer names")
+        numbers = [record[k] for k in ("full_bytes", "max_source_positions",
+                                       "max_target_positions")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+            raise TypeError("full_bytes and the max positions must be whole numbers")
+        self.facts = ModelFacts.from_json(record["facts"])
+        self.full_bytes, self.max_source_positions, self.max_target_positions = numbers
+        self.unexportable_layers: List[str] = layers
+
+    def _save_facts(self):
+        """Write facts.json (atomically) when start-up read the checkpoint: the next start
+        with these bytes reads it instead."""
+        if self._unsaved_facts is not None:
+            write_text_atomically(self._facts_file(), json.dumps(self._unsaved_facts, indent=1))
+            self._unsaved_facts = None
 
     # --- planning and building -------------------------------------------------------------
 
@@ -325,7 +421,7 @@ class Registry:
                                "layers route on the input, so they are served whole and have no "
                                "CTranslate2 export")
         if self.facts.served is not None:
-            unmerged = _unexportable_layers(self.args)
+            unmerged = self.unexportable_layers
             if unmerged:
                 pairs = ",".join(self.facts.served)
                 return "fairseq", (
@@ -359,6 +455,7 @@ class Registry:
 
     def _full_state(self) -> dict:
         if self._state is None:
+            self._before_torch()
             log.info("reading %s", self.checkpoint)
             self._state = load_any(self.checkpoint)
         return self._state
@@ -386,6 +483,7 @@ class Registry:
     def prepare(self, legs: List[Pair]):
         """Plan and build (or find in the cache) the sub-network of every pair in `legs`."""
         self._make_cache()
+        self._save_facts()
         plan = self._read_plan()
         for key, meta in plan.get("subnetworks", {}).items():
             sub = Subnetwork(**{name: meta[name] for name in PLANNED if name in meta})
@@ -422,6 +520,8 @@ class Registry:
 
     def _plan_pair(self, pair: Pair) -> str:
         """Prune for `pair` (no model built) to learn what the sub-network serves."""
+        from ..deploy.pruning import count_parameters, prune_checkpoint
+
         state = self._full_state()
         self.full_params = count_parameters(state["model"])
         if self.facts.served is not None:  # an already pruned checkpoint: served as it is
@@ -470,6 +570,8 @@ class Registry:
         t0 = time.time()
         sub.checksum = ""
         if self._is_checkpoint(sub):  # served as it is: nothing to build
+            from ..integration.compat import load_checkpoint
+
             sub.bytes = model_bytes(load_checkpoint(sub.path, mmap=True)["model"])
         else:
             sub.bytes = self._write_artifact(sub)
@@ -481,6 +583,8 @@ class Registry:
 
     def _write_artifact(self, sub: Subnetwork) -> int:
         """Write sub.path; returns the bytes the loaded sub-network holds."""
+        from ..deploy.pruning import prune_checkpoint
+
         state = self._full_state()
         pair = "-".join(sub.build_pair)
         pruned = state if sub.whole else prune_checkpoint(state, pair, merge=True)[0]

@@ -9,21 +9,22 @@ exactly what it was trained on, so every ordered pair (src != tgt) gets one hone
   with both legs trained, the one in most trained pairs (ties: the first in `--langs`);
   `--pivot LANG` forces X;
 - **zero-shot**: only with `--pivot none`, and only when no task-routed layer would read a gate
-  row that training never updated (the pruner's rule, `pruning.untrained_routes`: lang_pair
+  row that training never updated (the pruner's rule, `pairs.untrained_routes`: lang_pair
   routing with `--moe-unseen-pairs own_row`, or target routing into a language never a target);
 - **unavailable**, with the reason: anything else, or a pair left out by `--pairs`.
 
 Pure functions of the checkpoint's model args and task config: no model is built, nothing is
-loaded, so `/languages` and every request are planned by the same code.
+loaded, so `/languages` and every request are planned by the same code. `ModelFacts` is what
+they read of a checkpoint, kept as JSON in the server's cache (`as_json`, `from_json`; the
+registry's facts.json) so that a warm start plans its routes without torch or fairseq: this
+module imports neither (the model args are read through integration/config.py, which imports
+fairseq, only in `from_checkpoint`).
 """
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..deploy.pruning import untrained_routes, parse_pairs
-from ..integration.config import MoEConfig
-from ..moe.pairs import serves
-from ..moe.routing import TASK_ROUTING_KINDS
+from ..moe.pairs import TASK_ROUTING_KINDS, parse_pairs, serves, untrained_routes
 
 Pair = Tuple[str, str]
 DIRECT, PIVOT, ZERO_SHOT, UNAVAILABLE = "direct", "pivot", "zero-shot", "unavailable"
@@ -68,6 +69,8 @@ class ModelFacts:
     @classmethod
     def from_checkpoint(cls, args, task_pairs: Optional[Sequence[Pair]]) -> "ModelFacts":
         """args: the model namespace (pruning.model_args); task_pairs: pruning.trained_pairs."""
+        from ..integration.config import MoEConfig  # imports fairseq: only to read a checkpoint
+
         moe = MoEConfig.from_namespace(args)
         recorded = [tuple(p.split("-")) for p in (moe.moe_trained_pairs or "").split(",") if p]
         trained = recorded or (list(task_pairs) if task_pairs else None)
@@ -78,6 +81,36 @@ class ModelFacts:
         served = moe.pruned_layout().get("served_pairs")
         return cls(tuple(moe.langs), tuple(trained) if trained is not None else None,
                    tuple(kinds), policy, tuple(served) if served else None)
+
+    def as_json(self) -> dict:
+        """A JSON object that from_json turns back into these facts."""
+        return {"langs": [str(x) for x in self.langs],
+                "trained": (None if self.trained is None
+                            else [[str(s), str(t)] for s, t in self.trained]),
+                "kinds": [str(k) for k in self.kinds], "unseen_policy": str(self.unseen_policy),
+                "served": None if self.served is None else [str(x) for x in self.served]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelFacts":
+        """The facts as_json wrote; KeyError, TypeError or ValueError on anything else."""
+        def strings(value) -> tuple:
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise TypeError(f"not a list of strings: {value!r}")
+            return tuple(value)
+
+        def pair(value) -> Pair:
+            if len(strings(value)) != 2:
+                raise ValueError(f"not a pair: {value!r}")
+            return tuple(value)
+
+        trained, served = data["trained"], data["served"]
+        if not isinstance(data["unseen_policy"], str) or not (trained is None
+                                                            or isinstance(trained, list)):
+            raise TypeError("unseen_policy must be a string, trained a list or null")
+        return cls(strings(data["langs"]),
+                   None if trained is None else tuple(pair(p) for p in trained),
+                   strings(data["kinds"]), data["unseen_policy"],
+                   None if served is None else strings(served))
 
     @property
     def task_kinds(self) -> set:
