@@ -52,6 +52,9 @@ LT_VENV = REPO / ".venv-lt"
 LT_PYTHON = LT_VENV / "bin" / "python"
 LT_COMMAND = LT_VENV / "bin" / "libretranslate"
 LT_VERSION = "1.9.6"
+# LibreTranslate 1.9.6 lists these Argos codes under other names in /languages
+# (libretranslate/language.py's aliases; requests may use either)
+LT_ALIASES = {"zh": "zh-Hans", "zt": "zh-Hant", "pb": "pt-BR"}
 MIN_PACKAGES = 2  # fewer installed: LibreTranslate's boot downloads the index and every model
 # what Argos reads from the environment, besides the folders (argostranslate/settings.py)
 OFFLINE_ENV = {"ARGOS_CHUNK_TYPE": "SPACY", "ARGOS_DEVICE_TYPE": "cpu"}
@@ -283,7 +286,8 @@ class LibreTranslate(Server):
 
         if self.proc is None:
             self.launch()
-        want = {p["from"] for p in self.installed} | {p["to"] for p in self.installed}
+        want = {LT_ALIASES.get(code, code)
+                for p in self.installed for code in (p["from"], p["to"])}
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
