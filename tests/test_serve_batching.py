@@ -84,8 +84,12 @@ def test_a_call_is_translated_longest_first_in_engine_batches_of_engine_batch_se
     order = [int(t[1:]) for call in engine.calls for t in call]
     assert [sizes[i] for i in order] == sorted(sizes, reverse=True)  # similar lengths together
     with pytest.raises(ValueError):
-        Batcher(FakeRegistry(engine), engine_batch=0)
+        Batcher(FakeRegistry(engine), engine_batch=-1)
     batcher.close()
+    whole = Batcher(FakeRegistry(engine), max_batch_tokens=1000, engine_batch=0)  # 0: one batch
+    assert whole.submit("k", job(texts, sizes)).result(5) == [[f"<{t}>"] for t in texts]
+    assert [len(call) for call in engine.calls] == [8, 8, 4, 20]
+    whole.close()
 
 
 def test_a_text_larger_than_the_bound_goes_alone_and_sizes_are_tokens():

@@ -69,10 +69,11 @@ def build_parser():
                    help="source tokens per engine call: requests are batched together up to it, "
                    "and a larger request is translated in chunks of it, other requests' "
                    "sentences taking turns with it")
-    p.add_argument("--engine-batch", type=int, default=8,
+    p.add_argument("--engine-batch", type=int, default=None,
                    help="sentences per engine batch: a call's sentences are translated longest "
                    "first in batches of at most this many, so that similar lengths are padded "
-                   "together (8: the demo model's best on 2 cores, docs/serving.md)")
+                   "together; 0: each call in one batch (default: 8 with CTranslate2, the demo "
+                   "model's best on 2 cores, docs/serving.md; 0 with fairseq, not measured)")
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="extra time a request may wait for others to share its engine call "
                    "(default 0: batching is continuous, a request starts at once when its "

@@ -167,8 +167,8 @@ class Batcher:
     def __init__(self, registry, max_batch_tokens: int = 4096, max_wait_ms: float = 0.0,
                  max_queue: int = 256, metrics=None, cross_request: bool = True,
                  load_timeout: float = 60.0, threads: int = 1, engine_batch: int = 8):
-        if threads < 1 or engine_batch < 1:
-            raise ValueError(f"threads and engine_batch must be >= 1, not {threads}, "
+        if threads < 1 or engine_batch < 0:
+            raise ValueError(f"threads must be >= 1 and engine_batch >= 0, not {threads}, "
                              f"{engine_batch}")
         self.registry, self.metrics = registry, metrics
         self.max_batch_tokens = max_batch_tokens
@@ -177,7 +177,7 @@ class Batcher:
         self.cross_request = cross_request  # False: one request per engine call (benchmarks)
         self.load_timeout = load_timeout  # for a job without a deadline
         self.threads = threads  # engine threads of all sub-networks together
-        self.engine_batch = engine_batch  # sentences per engine batch within a call
+        self.engine_batch = engine_batch  # sentences per engine batch in a call (0: the whole)
         self._lock = threading.Lock()
         self._conds: Dict[str, threading.Condition] = {}
         self._queues: Dict[str, _Queue] = {}
@@ -384,8 +384,9 @@ class Batcher:
         if self.metrics:
             self.metrics.batch_size.labels(key).observe(len(flat))
             self.metrics.batch_requests.labels(key).observe(len(live))
-        for start in range(0, len(flat), self.engine_batch):
-            part = [(job, i) for job, i in flat[start:start + self.engine_batch]
+        step = self.engine_batch or len(flat)
+        for start in range(0, len(flat), step):
+            part = [(job, i) for job, i in flat[start:start + step]
                     if not job.over]  # a job cancelled meanwhile is not translated further
             if not part:
                 continue

@@ -26,12 +26,18 @@ class ConfigError(Exception):
     """An option or input that cannot be served; the message says which and why."""
 
 
-def batcher_options(args) -> dict:
+DEFAULT_ENGINE_BATCH = {"ctranslate2": 8, "fairseq": 0}  # --engine-batch when not given
+
+
+def batcher_options(args, backend: str = "ctranslate2") -> dict:
     """The Batcher's options (Service.build passes them on): bounds of an engine call, the
-    optional wait, the queue, the process's budget of engine threads."""
+    optional wait, the queue, the process's budget of engine threads, the engine batches of a
+    call (--engine-batch, or the backend's default)."""
+    engine_batch = (args.engine_batch if args.engine_batch is not None
+                    else DEFAULT_ENGINE_BATCH[backend])
     return dict(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                 max_queue=args.max_queue, cross_request=not args.no_cross_batching,
-                threads=args.threads, load_timeout=args.timeout, engine_batch=args.engine_batch)
+                threads=args.threads, load_timeout=args.timeout, engine_batch=engine_batch)
 
 
 def default_threads(engine: str = "embedded", replicas: int = 1) -> int:
@@ -60,13 +66,14 @@ def check(args):
         raise ConfigError(f"--data {args.data} is not a folder")
     if args.spm_model and not os.path.isfile(args.spm_model):
         raise ConfigError(f"--spm-model {args.spm_model} does not exist")
-    for name in ("char_limit", "batch_limit", "max_batch_tokens", "engine_batch", "max_queue",
-                 "threads", "beam"):
+    for name in ("char_limit", "batch_limit", "max_batch_tokens", "max_queue", "threads", "beam"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.alternatives_limit < 0 or args.max_wait_ms < 0 or args.timeout <= 0:
-        raise ConfigError("--alternatives-limit and --max-wait-ms must be >= 0, --timeout > 0")
+    if (args.alternatives_limit < 0 or args.max_wait_ms < 0 or args.timeout <= 0
+            or (args.engine_batch is not None and args.engine_batch < 0)):
+        raise ConfigError("--alternatives-limit, --max-wait-ms and --engine-batch must be >= 0, "
+                          "--timeout > 0")
     if getattr(args, "engine", "embedded") == "ray":
         if args.replicas < 1 or args.pairs_per_replica < 1:
             raise ConfigError("--replicas and --pairs-per-replica must be >= 1")
@@ -127,5 +134,5 @@ def make_service(args):
                          alternatives_limit=min(args.alternatives_limit, args.beam - 1),
                          body_limit=body_limit, timeout=args.timeout, beam=args.beam)
     service = Service.build(registry, limits, args.pivot, allowed, args.spm_model,
-                            **batcher_options(args))
+                            **batcher_options(args, registry.backend))
     return service, keys

@@ -35,10 +35,11 @@ class Metrics:
         self.latency = Histogram("taskmoe_request_seconds", "HTTP request latency",
                                  ["endpoint", "status", "pair"], buckets=LATENCY_BUCKETS,
                                  registry=r)
-        self.batch_size = Histogram("taskmoe_batch_texts", "texts per engine call (one batch)",
+        self.batch_size = Histogram("taskmoe_batch_texts", "texts per batcher call (what one worker takes at once, "
+                                    "translated in engine batches of --engine-batch)",
                                     ["subnetwork"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("taskmoe_batch_requests",
-                                        "requests answered by one engine call",
+                                        "requests in one batcher call",
                                         ["subnetwork"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("taskmoe_queue_depth", "request legs accepted whose texts are "
                                  "not all in an engine call yet (a pivot request has one leg "

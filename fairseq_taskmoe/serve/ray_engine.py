@@ -258,7 +258,8 @@ class Replica:
                                    loop)
         self.fleet = Fleet()
         remote = HandleBatcher(handle, self.fleet, self.metrics, args.max_queue)
-        local = Batcher(self.residents, metrics=self.metrics, **batcher_options(args))
+        local = Batcher(self.residents, metrics=self.metrics,
+                        **batcher_options(args, registry.backend))
         service.batcher.close()  # the one make_service made (no thread started): not used
         service.batcher = self.legs = Legs(self.residents, local, remote)
         # what /metrics, /health and /pairs show is the whole service's, from the scrape each

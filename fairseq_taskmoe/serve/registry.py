@@ -84,6 +84,7 @@ ARTIFACT_CODE = ("fairseq_taskmoe.deploy.pruning", "fairseq_taskmoe.deploy.expor
                  "fairseq_taskmoe.moe.pairs", __name__)
 # the modules whose code decides what facts.json holds (what start-up reads of a checkpoint)
 FACTS_CODE = ("fairseq_taskmoe.deploy.pruning", "fairseq_taskmoe.integration.config",
+              "fairseq_taskmoe.integration.compat", "fairseq_taskmoe.distributed.checkpoints",
               "fairseq_taskmoe.serve.routes", __name__)
 RETRY_FIRST, RETRY_MAX = 2.0, 120.0  # seconds before a failed sub-network is tried again
 

@@ -5,8 +5,8 @@ A request (texts, source, target) is planned by `routes` (direct / pivot / zero-
 sentences, and the whitespace between them, newlines included, is kept); each sentence is
 tokenized once and checked against the model's positions; and each leg of the route goes through
 the batcher as one job, the output of leg 1 being the input of leg 2. The CPU work around the
-engine (segmenting, tokenizing, HTML parsing) runs in a worker thread, never on the event loop,
-and the request's deadline starts when the HTTP layer received it. The HTTP layer (app.py) only
+engine (segmenting, tokenizing, HTML parsing) runs in a worker thread, except for a small request
+(a few short texts: `_off_loop`), which takes less on the event loop than the hand-off, and the request's deadline starts when the HTTP layer received it. The HTTP layer (app.py) only
 parses, validates and answers.
 """
 
@@ -147,7 +147,8 @@ class Service:
 
     def _prepare(self, texts: Sequence[str], src: str, fmt: str):
         """(per text: its Segmented units and, for HTML, its fragments; the pieces of every
-        sentence in order; their sizes). Runs in a worker thread."""
+        sentence in order; their sizes). Runs in a worker thread, or for a small request on the
+        event loop (`_off_loop`)."""
         docs = []
         for text in texts:
             if fmt == "html":
@@ -174,15 +175,14 @@ class Service:
             raise Unavailable(route.why)
         if deadline is None:
             deadline = time.monotonic() + self.limits.timeout
-        docs, current, sizes = await _off_loop(sum(map(len, texts)), self._prepare, texts, src,
-                                               fmt)
+        docs, current, sizes = await _off_loop(texts, self._prepare, texts, src, fmt)
         hyps: List[List[str]] = []
         for n, leg in enumerate(route.legs):
             if not current:
                 break  # nothing to translate: no job, no sub-network loaded
             if n:  # leg 2 of a pivot: its input is leg 1's output, in the pivot language
                 current, sizes = await _off_loop(
-                    sum(map(len, current)), self._inputs, current,
+                    current, self._inputs, current,
                     f"the {leg[0]} pivot translation of a sentence")
             if time.monotonic() >= deadline:  # nobody would wait for the answer
                 raise RequestTimeout(f"translation took longer than {self.limits.timeout:g} s")
@@ -209,12 +209,13 @@ class Service:
 # time to hand it to a worker thread and back (measured on the demo's SentencePiece model); a
 # larger one goes to a worker thread, so that the loop keeps answering (/health stays quick
 # while a 250,000-character text is prepared).
-INLINE_CHARS = 1000
+INLINE_CHARS, INLINE_TEXTS = 1000, 16
 
 
-async def _off_loop(chars: int, fn, *args):
-    """fn(*args), in a worker thread when it has more than INLINE_CHARS characters to work on."""
-    if chars <= INLINE_CHARS:
+async def _off_loop(texts: Sequence[str], fn, *args):
+    """fn(*args), on the event loop when `texts` (what it works on) are at most INLINE_TEXTS of
+    at most INLINE_CHARS characters in all, else in a worker thread."""
+    if len(texts) <= INLINE_TEXTS and sum(map(len, texts)) <= INLINE_CHARS:
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
 

@@ -44,7 +44,7 @@ The sub-network cache of every server is built beforehand by the server's own st
 in this process (so start-up work is neither timed nor counted in the server's memory); each
 measured server then starts from the cache and is warmed up with one request per pair. Servers
 bind 127.0.0.1 only and are always stopped (SIGTERM, then kill).
-The client is one asyncio process (httpx); it shares the machine's cores with the servers.
+The client is one asyncio process (aiohttp); it shares the machine's cores with the servers.
 Servers, load and statistics are research/bench/load.py's (shared with research/bench/ray_serve.py).
 Writes --out-json and --out-md (headed by the command, date, machine and versions), atomically,
 and prints the tables.

@@ -82,6 +82,7 @@ def _tiny_args(trained_tiny, spm_data, tiny_data, tmp_path, *more):  # noqa: F81
 def test_quick_run_of_taskmoe_serve_alone(trained_tiny, spm_data, tiny_data,  # noqa: F811
                                           tmp_path):
     pytest.importorskip("httpx")
+    pytest.importorskip("aiohttp")  # the load generator
     pytest.importorskip("ctranslate2")
     pytest.importorskip("psutil")
     pytest.importorskip("sacrebleu")

@@ -88,6 +88,7 @@ def test_tiny_real_run_of_part_batching(tmp_path):
     """Random-weight tiny task-MoE, real servers (cache build, then on and off side by side),
     a few requests at 1 and 2 clients; results written as JSON and markdown."""
     pytest.importorskip("httpx")
+    pytest.importorskip("aiohttp")  # the load generator
     pytest.importorskip("ctranslate2")
     pytest.importorskip("psutil")
     from argparse import Namespace

@@ -182,6 +182,7 @@ def test_tiny_real_run(tmp_path):
     token-MoE, real servers: the cache built, two pivots, three servers one after the other,
     a few requests per load; results written as JSON and markdown."""
     pytest.importorskip("httpx")
+    pytest.importorskip("aiohttp")  # the load generator
     pytest.importorskip("ctranslate2")
     pytest.importorskip("psutil")
     from research.bench import variants as bi
