@@ -800,3 +800,15 @@ def test_a_full_queue_answers_503_with_retry_after_over_http(trained, tiny_data,
     assert "queue is full" in refused.json()["error"]
     assert answers["first"].status_code == answers["second"].status_code == 200
     assert answers["first"].json()["translatedText"] == answers["second"].json()["translatedText"]
+
+
+def test_a_checkpoint_whose_trained_pairs_are_not_src_tgt_is_a_clear_error():
+    from argparse import Namespace
+
+    from fairseq_taskmoe.moe.pairs import PruningError
+    from fairseq_taskmoe.serve.routes import ModelFacts
+
+    with pytest.raises(PruningError, match="not SRC-TGT: 'en'"):
+        ModelFacts.from_checkpoint(Namespace(langs="en,de", moe_freq=0), [("en",)])
+    facts = ModelFacts.from_checkpoint(Namespace(langs="en,de", moe_freq=0), [("en", "de")])
+    assert ModelFacts.from_json(facts.as_json()) == facts

@@ -24,7 +24,7 @@ fairseq, only in `from_checkpoint`).
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..moe.pairs import TASK_ROUTING_KINDS, parse_pairs, serves, untrained_routes
+from ..moe.pairs import TASK_ROUTING_KINDS, PruningError, parse_pairs, serves, untrained_routes
 
 Pair = Tuple[str, str]
 DIRECT, PIVOT, ZERO_SHOT, UNAVAILABLE = "direct", "pivot", "zero-shot", "unavailable"
@@ -74,6 +74,12 @@ class ModelFacts:
         moe = MoEConfig.from_namespace(args)
         recorded = [tuple(p.split("-")) for p in (moe.moe_trained_pairs or "").split(",") if p]
         trained = recorded or (list(task_pairs) if task_pairs else None)
+        bad = ["-".join(p) for p in trained or () if len(p) != 2 or not all(p)]
+        if bad:
+            raise PruningError(f"the checkpoint records trained pairs that are not SRC-TGT: "
+                               f"{', '.join(repr(b) for b in bad)} (its --moe-trained-pairs or "
+                               "--lang-pairs), so its routes cannot be planned: serve a "
+                               "checkpoint trained with --lang-pairs of SRC-TGT pairs")
         kinds = (moe.encoder_moe_routing, moe.decoder_moe_routing) if moe.moe_freq > 0 else ()
         # the pruner's rule: checkpoints that do not record their trained pairs route every
         # pair by its own row
