@@ -10,6 +10,7 @@ guides quote them.
     train_speed      training words/s: dense, token-MoE, task-MoE
     expert_parallel  the same on W CPU processes with sharded experts (all-to-all share)
     ct2_batch        CTranslate2's gain from batching on one exported model
+    engine_batches   two calls side by side, one batch or cut into engine batches (--engine-batch)
     serve            taskmoe-serve under load: batching on / off, token- vs task-MoE served
     ray_serve        the embedded server vs --engine ray with 1 and 2 replicas (CPU per part)
     (load.py: the harness both serving benchmarks use: start servers, send the load)
