@@ -387,3 +387,22 @@ def test_export_reads_sharded_checkpoints_as_taskmoe_prune_does(tiny_data, tmp_p
             api(load_checkpoint(f"{prefix}-shared.pt"))
     _fails([tmp_path / "nothing", "--lang-pair", PAIR, "--format", "fairseq", "-o",
             tmp_path / "x.pt"], "does not exist")
+
+
+def test_engine_batches_benchmark_runs_on_an_export(tiny_data, pruned, tmp_path, capsys):
+    """research/bench/engine_batches.py (what --engine-batch buys) on a real CTranslate2 export:
+    one row per call size, one column per engine batch plus the sorted-set column."""
+    pytest.importorskip("ctranslate2")
+    from research.bench import engine_batches
+
+    out = tmp_path / "en-fr.ct2"
+    code, err = export(pruned, "--lang-pair", PAIR, "--format", "ctranslate2", "--output", out,
+                       "--quantization", "int8", "--data", tiny_data)
+    assert code == 0, err
+    capsys.readouterr()  # the export's own report
+    engine_batches.main([str(out), "--text", str(tiny_data.parent / "text" / "test.en"),
+                         "--pair", PAIR, "--sentences", "12", "--calls", "4,6",
+                         "--engine-batches", "0,2", "--beam", "2"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["4", "6"]
+    assert all(len(row) == 4 and all(float(x) > 0 for x in row[1:]) for row in rows)
