@@ -17,10 +17,10 @@ pair uses every core while the others are quiet, and many busy pairs never run m
 among those running or able to start (two calls of 32 side by side, not one of 64 on one core
 while the other core translates the stragglers one by one), leaving no share to a worker that
 has no thread to run on. A job larger than `max_batch_tokens` is translated over several
-calls: after each of its chunks it waits behind every job that has not had a turn yet, so a one-sentence request that
-arrives meanwhile is in the very next call instead of waiting for the whole large job (new jobs
-first, then round robin between the large ones). A job's
-sentences are taken longest first, and each call is sorted by length, so that similar lengths
+calls: after each of its chunks it waits behind every job that has not had a turn yet, so a
+one-sentence request that arrives meanwhile is in the very next call instead of waiting for the
+whole large job (new jobs first, then round robin between the large ones). A job's sentences
+are taken longest first, and each call is sorted by length, so that similar lengths
 are padded together (as CTranslate2's BufferedTranslationWrapper does). Jobs whose decoding
 options differ (beam, n-best) or whose input differs in more than the text (`--encoder-langtok
 src`) go in separate calls of the same round.

@@ -35,7 +35,8 @@ class Metrics:
         self.latency = Histogram("taskmoe_request_seconds", "HTTP request latency",
                                  ["endpoint", "status", "pair"], buckets=LATENCY_BUCKETS,
                                  registry=r)
-        self.batch_size = Histogram("taskmoe_batch_texts", "texts per batcher call (what one worker takes at once, "
+        self.batch_size = Histogram("taskmoe_batch_texts",
+                                    "texts per batcher call (what one worker takes at once, "
                                     "translated in engine batches of --engine-batch)",
                                     ["subnetwork"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("taskmoe_batch_requests",

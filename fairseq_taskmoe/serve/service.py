@@ -5,8 +5,9 @@ A request (texts, source, target) is planned by `routes` (direct / pivot / zero-
 sentences, and the whitespace between them, newlines included, is kept); each sentence is
 tokenized once and checked against the model's positions; and each leg of the route goes through
 the batcher as one job, the output of leg 1 being the input of leg 2. The CPU work around the
-engine (segmenting, tokenizing, HTML parsing) runs in a worker thread, except for a small request
-(a few short texts: `_off_loop`), which takes less on the event loop than the hand-off, and the request's deadline starts when the HTTP layer received it. The HTTP layer (app.py) only
+engine (segmenting, tokenizing, HTML parsing) runs in a worker thread, except for a small
+request (a few short texts: `_off_loop`), which takes less on the event loop than the hand-off;
+the request's deadline starts when the HTTP layer received it. The HTTP layer (app.py) only
 parses, validates and answers.
 """
 
