@@ -107,7 +107,7 @@ def prepare(args) -> Path:
         args.prepare_command = f"(prepared folder {rel(prep)})"
         args.train_data = prep / "bin"
     else:
-        ns = SimpleNamespace(work=args.study_work, train_size=args.train_size,
+        ns = SimpleNamespace(corpus="multi30k", work=args.study_work, train_size=args.train_size,
                              multi30k_dir=args.multi30k_dir)
         prep = study_runner.prepare_data(ns)
         args.prepare_command, args.train_data = ns.prepare_command, ns.train_data

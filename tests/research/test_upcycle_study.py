@@ -224,6 +224,18 @@ def test_arguments(tmp_path):
         parse(tmp_path, "--only", "dense_contiued")
 
 
+def test_multi30k_data_is_the_studys_own(tmp_path, monkeypatch):
+    """Without --prepared the study's Multi30k folder is used as research.study prepares it
+    (prepare_data read an attribute this study did not set, and the real run stopped there)."""
+    args = parse(tmp_path)
+    done = tmp_path / "s" / "multi30k" / "bin" / ".done"
+    done.parent.mkdir(parents=True)
+    done.write_text("")  # prepared already: research.study runs nothing
+    monkeypatch.setattr(evaluation, "build_sample", lambda *a: 0)
+    assert runner.prepare(args) == tmp_path / "s" / "multi30k"
+    assert args.train_data == done.parent and "prepare_multi30k.py" in args.prepare_command
+
+
 def test_dense_run_is_the_studys_when_its_compute_is_known(tmp_path):
     args = parse(tmp_path)
     study, own = tmp_path / "s" / "runs" / "dense-s1", tmp_path / "w" / "dense-s1"
