@@ -71,6 +71,105 @@ def test_a_large_request_is_chunked_and_a_small_one_goes_between_its_chunks():
     batcher.close()
 
 
+class HoldingEngine(RecordingEngine):
+    """Holds engine call number `hold_at` (0-based) until `release`; `during(n)` runs inside
+    call n (a request arriving while that engine batch runs)."""
+
+    def __init__(self, hold_at, during=None):
+        super().__init__()
+        self.hold_at, self.during = hold_at, during or (lambda n: None)
+        self.release.clear()
+
+    def translate(self, texts, src, tgt, beam, nbest=1):
+        n = len(self.calls)
+        self.calls.append(list(texts))
+        self.during(n)
+        if n == self.hold_at:
+            self.entered.set()
+            self.release.wait(10)
+        return [[f"<{t}>"] for t in texts]
+
+
+def test_a_request_arriving_during_a_large_call_waits_one_engine_batch():
+    """A call of 40 inputs of a large job runs in ten engine batches of 4: a one-sentence
+    request that arrives during the first is in the second, not after the other nine (the
+    call gives the rest back); the large job's last chunk, given back after it had left the
+    queue, goes back into it, and every text is answered once."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    for hold_at, small_in, big_calls in ((0, 1, 13), (10, 11, 13)):
+        engine = HoldingEngine(hold_at)
+        batcher = Batcher(FakeRegistry(engine), max_batch_tokens=40, max_wait_ms=0,
+                          engine_batch=4)
+        big = batcher.submit("k", job([f"b{i}" for i in range(50)]))
+        assert engine.entered.wait(5)  # engine batch `hold_at` of the large job runs
+        small = batcher.submit("k", job(["s"]))
+        engine.release.set()
+        assert small.result(5) == [["<s>"]]
+        assert big.result(5) == [[f"<b{i}>"] for i in range(50)]
+        assert engine.calls[small_in][0] == "s"  # the next engine batch, its request first
+        done = [t for call in engine.calls for t in call]
+        assert sorted(done) == sorted([f"b{i}" for i in range(50)] + ["s"])  # each once
+        assert len(engine.calls) == big_calls and batcher.pending() == 0
+        batcher.close()
+
+
+def test_a_large_job_advances_while_new_requests_keep_arriving():
+    """A new one-sentence request during each of the first 15 engine batches: each waits at
+    most for the batch running and one engine batch of the large job (the call gives the rest
+    back), and the large job advances a whole engine batch between two batches of newcomers
+    (never starved)."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    smalls, batcher = [], None
+
+    def arrive(n):
+        if n < 15:
+            smalls.append(batcher.submit("k", job([f"s{n}"])))
+
+    engine = HoldingEngine(-1, during=arrive)
+    engine.release.set()
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=40, max_wait_ms=0,
+                      engine_batch=4)
+    big = batcher.submit("k", job([f"b{i}" for i in range(60)]))
+    assert big.result(5) == [[f"<b{i}>"] for i in range(60)]
+    assert [f.result(5) for f in smalls] == [[[f"<s{n}>"]] for n in range(15)]
+    batch_of = {t: n for n, call in enumerate(engine.calls) for t in call}
+    assert all(batch_of[f"s{n}"] <= n + 2 for n in range(15))  # arrived during batch n
+    assert all(len(c) == 4 and all(t.startswith("b") for t in c)
+               for c in engine.calls[2:15:2])  # the large job's own batches between
+    assert batcher.pending() == 0
+    batcher.close()
+
+
+def test_large_jobs_take_turns_when_a_call_gives_them_back():
+    """Two requests of 50 sentences in one call (100 tokens), newcomers arriving: the one that
+    got nothing translated before the call gave them back goes first in the next, so both
+    advance (without that rule the second started after all of the first's)."""
+    from fairseq_taskmoe.serve.batcher import Batcher
+
+    smalls, batcher = [], None
+
+    def arrive(n):
+        if 1 <= n < 13:
+            smalls.append(batcher.submit("k", job([f"s{n}"])))
+
+    engine = HoldingEngine(0, during=arrive)
+    batcher = Batcher(FakeRegistry(engine), max_batch_tokens=100, max_wait_ms=0,
+                      engine_batch=4)
+    blocker = batcher.submit("k", job(["x"]))  # holds the engine while both large ones queue
+    assert engine.entered.wait(5)
+    a = batcher.submit("k", job([f"a{i}" for i in range(50)]))
+    b = batcher.submit("k", job([f"b{i}" for i in range(50)]))
+    engine.release.set()
+    assert blocker.result(5) == [["<x>"]] and a.result(5) and b.result(5)
+    assert [f.result(5) for f in smalls] == [[[f"<s{n}>"]] for n in range(1, 13)]
+    first_b = next(n for n, call in enumerate(engine.calls) if any(t[0] == "b" for t in call))
+    assert first_b <= 6  # not after all of a's 50 inputs (13 batches)
+    assert batcher.pending() == 0
+    batcher.close()
+
+
 def test_a_call_is_translated_longest_first_in_engine_batches_of_engine_batch_sentences():
     from fairseq_taskmoe.serve.batcher import Batcher
 

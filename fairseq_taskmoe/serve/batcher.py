@@ -19,11 +19,16 @@ while the other core translates the stragglers one by one), leaving no share to 
 has no thread to run on. A job larger than `max_batch_tokens` is translated over several
 calls: after each of its chunks it waits behind every job that has not had a turn yet, so a
 one-sentence request that arrives meanwhile is in the very next call instead of waiting for the
-whole large job (new jobs first, then round robin between the large ones). A job's sentences
-are taken longest first, and each call is sorted by length, so that similar lengths
-are padded together (as CTranslate2's BufferedTranslationWrapper does). Jobs whose decoding
-options differ (beam, n-best) or whose input differs in more than the text (`--encoder-langtok
-src`) go in separate calls of the same round.
+whole large job (new jobs first, then round robin between the large ones). Small jobs (at
+most one engine batch) go first in a call, and once it has translated one engine batch of the
+larger ones, a worker that sees a new job waiting (and no idle worker to take it) gives their
+rest back to the queue between two engine batches: the new job waits for the batch running and
+one more, not for a whole call of `max_batch_tokens`; a larger job still advances by an engine
+batch a call, and one that got nothing goes first in the next. A job's sentences are taken
+longest first, and each call is sorted by length, so that similar lengths are padded together
+(as CTranslate2's BufferedTranslationWrapper does). Jobs whose decoding options differ (beam,
+n-best) or whose input differs in more than the text (`--encoder-langtok src`) go in separate
+calls of the same round.
 
 Threads, not processes: CTranslate2 is not fork-safe, and both engines release the GIL in their
 kernels. Each queue has its own condition (on one shared lock), so a submit wakes only a
@@ -115,6 +120,15 @@ class Job:
             budget -= self.sizes[i]
             self._next += 1
         return taken
+
+    def _untake(self, indices: List[int]):
+        """Inputs taken into a call and not translated go back before the untaken ones (they
+        are the longest left: taken longest first)."""
+        back = set(indices)
+        done = [i for i in self._order[:self._next] if i not in back]
+        rest = sorted(indices, key=lambda i: -self.sizes[i])
+        self._order = done + rest + self._order[self._next:]
+        self._next = len(done)
 
     def _answer(self, i: int, hyps: list):
         with self._lock:
@@ -374,18 +388,31 @@ class Batcher:
         `engine_batch` sentences one after the other on this worker's thread (similar lengths
         padded together: a batch of 32 mixed lengths decodes each step for its longest, and
         beam search runs until its last sentence ends); results back per job as each batch
-        ends, and a job cancelled meanwhile is left out of the batches after."""
+        ends, and a job cancelled meanwhile is left out of the batches after. Small jobs go
+        first; after them and one engine batch of the larger ones, a job that has had no turn
+        yet and no idle worker to take it makes the call give the larger jobs' rest back
+        (_give_back) and end."""
         live = [(job, taken) for job, taken in chunks if not job.over]
         if not live:
             return
-        flat = sorted(((job, i) for job, taken in live for i in taken),
-                      key=lambda ji: -ji[0].sizes[ji[1]])
+        # the small jobs first (at most one engine batch), longest first; then the large ones
+        # in the order the call took them, each longest first
+        large = [bool(self.engine_batch) and len(job.texts) > self.engine_batch
+                 for job, _ in live]
+        ending = [(job, i) for (job, taken), big in zip(live, large) if not big for i in taken]
+        flat = sorted(ending, key=lambda ji: -ji[0].sizes[ji[1]]) + [
+            (job, i) for (job, taken), big in zip(live, large) if big
+            for i in sorted(taken, key=lambda i: -job.sizes[i])]
         first = live[0][0]
         if self.metrics:
             self.metrics.batch_size.labels(key).observe(len(flat))
             self.metrics.batch_requests.labels(key).observe(len(live))
         step = self.engine_batch or len(flat)
         for start in range(0, len(flat), step):
+            if start >= len(ending) + step and self._newcomer_waits(key):
+                # the large jobs' rest after the newcomer
+                self._give_back(key, flat[start:], {job: len(t) for job, t in live})
+                return
             part = [(job, i) for job, i in flat[start:start + step]
                     if not job.over]  # a job cancelled meanwhile is not translated further
             if not part:
@@ -400,6 +427,39 @@ class Batcher:
                 return
             for (job, i), hyp in zip(part, hyps):
                 job._answer(i, hyp)
+
+    def _newcomer_waits(self, key: str) -> bool:
+        """A job that has had no turn waits for `key` and no idle worker can take it now (read
+        without the lock: a hint, checked between engine batches)."""
+        return bool(self._queues[key].fresh) and not (
+            self._idle[key] and self._free >= self._shapes[key][1])
+
+    def _give_back(self, key: str, rest: List[Tuple[Job, int]], in_call: Dict[Job, int]):
+        """Inputs of a call not translated go back to their jobs, for a later call: a job that
+        had none of its inputs translated in this call goes to the front of the started ones
+        (the next call takes it before those that advanced: none starves), one that had left
+        the queue (its last inputs were in this call) back into it."""
+        back: Dict[Job, List[int]] = {}
+        for job, i in rest:
+            if not job.over:
+                back.setdefault(job, []).append(i)
+        with self._lock:
+            started = self._queues[key].started
+            for job, indices in back.items():
+                if job.over:  # cancelled meanwhile: _drop_over forgets it
+                    continue
+                queued = bool(job.left)  # else retired when its last inputs were taken
+                if not queued:
+                    self._pending += 1
+                if len(indices) == in_call[job]:  # nothing of it done: it goes next
+                    if queued:
+                        started.remove(job)
+                    started.appendleft(job)
+                elif not queued:
+                    started.append(job)
+                job._untake(indices)
+            self._gauge()
+            self._conds[key].notify()
 
     def close(self, timeout: float = 60.0):
         """Take nothing new, answer what was accepted, stop the workers."""

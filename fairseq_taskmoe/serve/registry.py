@@ -360,6 +360,8 @@ class Registry:
                      path)
         except (FileNotFoundError, NotADirectoryError):  # the first start (or no cache yet)
             pass
+        except PermissionError as err:  # the cache folder's check names the fix (below)
+            log.warning("%s cannot be read (%s): reading the checkpoint", path, err.strerror)
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("%s cannot be used (%s: %s): reading the checkpoint and rewriting it",
                         path, type(err).__name__, err)

@@ -34,6 +34,47 @@ def test_arguments():
     assert bench.parse_env("A=1, B=x=y") == {"A": "1", "B": "x=y"}
 
 
+FAKE_LT = """
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps([{"code": "en"}, {"code": "zh-Hans"}]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("target,ready", [("zh", True), ("ja", False)])
+def test_start_waits_for_the_installed_languages_under_their_listed_codes(tmp_path, target,
+                                                                           ready):
+    """LibreTranslate lists Argos's zh as zh-Hans: start() knows it is up; a language that is
+    not listed keeps it waiting until the timeout (a fake server answering /languages)."""
+    import sys
+
+    from research.bench.load import HOST, free_port
+
+    pytest.importorskip("httpx")
+    port = free_port()
+    (tmp_path / "run").mkdir()
+    server = lt.LibreTranslate([sys.executable, "-c", FAKE_LT, str(port)],
+                               f"http://{HOST}:{port}", tmp_path / "lt.log", {}, tmp_path)
+    server.installed = [{"from": "en", "to": target, "path": "x"}]
+    try:
+        if ready:
+            assert server.start(timeout=30).startup_s > 0
+        else:
+            with pytest.raises(RuntimeError, match="did not answer /languages"):
+                server.start(timeout=2)
+    finally:
+        server.stop(grace=5)
+    assert server.proc.poll() is not None  # stopped, by its own process group
+
+
 def test_rotated_order_and_references_follow_the_workload():
     assert [bench.rotated(["a", "b", "c"], r) for r in range(4)] == \
         [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
