@@ -161,16 +161,17 @@ bench-serve-many: $(STAMP)
 
 # The upcycling study (issue 28; docs/results-upcycle.md): the study's dense-s1 (reused from
 # work/study when trained with its CPU seconds recorded), taskmoe-upcycle of it to target / target
-# (2 seeds) and token / token, the dense model continued (2 seeds), all M = 500 more updates
-# (ARGS="--upcycle-updates N"), and target / target from scratch for 1,000 + M: about 2.5 h of
-# training and 1.5 h of evaluation on 2 idle cores (estimated from the study's timings),
-# resumable like `make study`: results/upcycle/*.json. The page and its figure from them:
-# make study-upcycle-report.
+# (2 seeds) and token / token, the dense model continued (2 seeds), all M = 300 more updates,
+# and target / target from scratch for 1,000 + M, a checkpoint and a curve point every 300
+# updates: what results/upcycle holds, about 2.5 hours on 2 idle cores (2026-12-08), resumable
+# like `make study`. ARGS overrides (e.g. ARGS="--upcycle-updates 500": its own m500/ folder;
+# report it with make study-upcycle-report ARGS="--upcycle-updates 500").
+UPCYCLE_M := --upcycle-updates 300
 .PHONY: study-upcycle study-upcycle-report
 study-upcycle: $(STAMP)
-	$(PY) -m research.upcycle_study $(ARGS)
+	$(PY) -m research.upcycle_study $(UPCYCLE_M) --curve-every 300 $(ARGS)
 study-upcycle-report: $(STAMP)
-	$(PY) -m research.upcycle_study.report $(ARGS)
+	$(PY) -m research.upcycle_study.report $(UPCYCLE_M) $(ARGS)
 
 # LoHelp, a many-way parallel corpus from LibreOffice's translated help (docs/corpus-lohelp.md):
 # Debian's libreoffice-help-* packages (apt-get download) -> work/lohelp/bin for en<->13

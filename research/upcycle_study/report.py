@@ -9,6 +9,7 @@ no figure in it.
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 from fairseq_taskmoe.atomic import write_text_atomically
@@ -82,7 +83,8 @@ def section_setup(preset: str, continuation: int, dense_steps: int, records):
         f"{REWARM_UPDATES} updates for the fresh Adam (1 / (1 - β2)): fairseq's polynomial_decay. "
         "For seed 1 of the upcycled target / target row and of the dense continued row:",
         "",
-        "```bash", *planned_commands(preset, dense_steps, continuation), "```",
+        "```bash", *planned_commands(preset, dense_steps, continuation,
+                                     recorded_curve_every(records)), "```",
         "",
         "**Compute** is training CPU seconds (user + system of fairseq-train, every thread, read "
         "at each checkpoint save: work lost to a kill is not counted, each sitting's start-up "
@@ -96,7 +98,17 @@ def section_setup(preset: str, continuation: int, dense_steps: int, records):
     ])
 
 
-def planned_commands(preset, dense_steps, continuation):
+def recorded_curve_every(records) -> int:
+    """The --curve-every the finished rows ran with (their checkpoints' interval), else the
+    default."""
+    for r in records["row"].values():
+        found = re.search(r"--save-interval-updates (\d+)", r["commands"].get("train") or "")
+        if found:
+            return int(found.group(1))
+    return CURVE_EVERY
+
+
+def planned_commands(preset, dense_steps, continuation, curve_every=CURVE_EVERY):
     """The upcycled target / target and dense continued rows' commands (seed 1) with the
     default folders, as the runner builds them."""
     work, study = REPO / "work" / "upcycle" / f"m{continuation}", REPO / "work" / "study"
@@ -105,7 +117,7 @@ def planned_commands(preset, dense_steps, continuation):
     up, cont = row_named("upcycled_target_target-s1"), row_named("dense_continued-s1")
     upcycled = work / up.name / "upcycled.pt"
     train = [training_command(row, data, work / row.name / "checkpoints", dense_steps,
-                              continuation, preset, LANGS, TRAINED, CURVE_EVERY, init)
+                              continuation, preset, LANGS, TRAINED, curve_every, init)
              for row, init in ((up, upcycled), (cont, dense))]
     return [show(upcycle_command(up, dense, upcycled, preset)), *(show(c) for c in train)]
 
@@ -269,12 +281,15 @@ def against(a, name_a, b, name_b):
             f"(last point {a[-1][1]:.2f} at {cpu(a[-1][0])} CPU s).")
 
 
-def section_commands(records):
+def section_commands(records, continuation):
     rows = records["row"]
+    m = f"--upcycle-updates {continuation}"
     lines = ["## Commands", "", "```bash",
-             "make study-upcycle          # = .venv/bin/python -m research.upcycle_study",
-             ".venv/bin/python -m research.upcycle_study --list",
-             "make study-upcycle-report   # = .venv/bin/python -m research.upcycle_study.report",
+             f"make study-upcycle          # = .venv/bin/python -m research.upcycle_study {m} "
+             f"--curve-every {recorded_curve_every(records)}",
+             f".venv/bin/python -m research.upcycle_study {m} --list",
+             "make study-upcycle-report   # = .venv/bin/python -m research.upcycle_study.report "
+             f"{m}",
              "```"]
     examples = [rows[r.name] for r in ROWS if r.name in rows]
     if examples:
@@ -307,7 +322,7 @@ def render(records, other, out_dir: Path, figure: Path, preset="cpu",
                         section_status(records, other), section_rows(records, directions),
                         section_step0(records), section_curves(records, figure_rel),
                         section_goals(records, dense_steps, continuation),
-                        section_commands(records)]) + "\n"
+                        section_commands(records, continuation)]) + "\n"
 
 
 def main(argv=None):
