@@ -53,7 +53,6 @@ NOT_WRITTEN_YET = {
     "results/study-gpu": "python -m research.study --preset gpu (never run: no GPU lent)",
     "docs/img/study-gpu": "python -m research.study --preset gpu",
     "docs/results-gpu.md": "python -m research.study.report --results results/study-gpu",
-    "results/upcycle": "python -m research.upcycle_study (make study-upcycle; not run yet)",
 }
 # Flags the prose names that belong to other programs, said so where they are named.
 FOREIGN_FLAGS = {"--record-a2a-perf-stats"}  # fairseq's moe branch, named for comparison
