@@ -30,7 +30,8 @@ def parse_args(argv=None):
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="the fairseq data folder (dictionaries)")
-    p.add_argument("--spm-model", required=True)
+    p.add_argument("--spm-model", default=None, help="the SentencePiece model (default: none: "
+                   "whitespace tokens, as the data folder's dictionaries have them)")
     p.add_argument("--text", required=True, help="source sentences, one per line")
     p.add_argument("--pair", default="en-de", help="SRC-TGT (default: en-de)")
     p.add_argument("--texts", type=int, default=20000, help="texts in the large request")
@@ -59,7 +60,8 @@ def main(argv=None):
     url = f"http://{HOST}:{port}"
     argv = [sys.executable, "-c", "from fairseq_taskmoe.cli.serve import cli; cli()",
             str(Path(args.checkpoint).resolve()), "--data", str(Path(args.data).resolve()),
-            "--spm-model", str(Path(args.spm_model).resolve()), "--cache-dir", cache,
+            *(["--spm-model", str(Path(args.spm_model).resolve())] if args.spm_model else []),
+            "--cache-dir", cache,
             "--host", HOST, "--port", str(port), "--batch-limit", str(args.texts),
             "--char-limit", str(sum(len(s) for s in lines) * (args.texts // len(lines) + 1)),
             "--body-limit", "64MB", "--timeout", "900"]
