@@ -399,8 +399,8 @@ class Batcher:
         # in the order the call took them, each longest first
         large = [bool(self.engine_batch) and len(job.texts) > self.engine_batch
                  for job, _ in live]
-        ending = [(job, i) for (job, taken), big in zip(live, large) if not big for i in taken]
-        flat = sorted(ending, key=lambda ji: -ji[0].sizes[ji[1]]) + [
+        small = [(job, i) for (job, taken), big in zip(live, large) if not big for i in taken]
+        flat = sorted(small, key=lambda ji: -ji[0].sizes[ji[1]]) + [
             (job, i) for (job, taken), big in zip(live, large) if big
             for i in sorted(taken, key=lambda i: -job.sizes[i])]
         first = live[0][0]
@@ -409,7 +409,7 @@ class Batcher:
             self.metrics.batch_requests.labels(key).observe(len(live))
         step = self.engine_batch or len(flat)
         for start in range(0, len(flat), step):
-            if start >= len(ending) + step and self._newcomer_waits(key):
+            if start >= len(small) + step and self._newcomer_waits(key):
                 # the large jobs' rest after the newcomer
                 self._give_back(key, flat[start:], {job: len(t) for job, t in live})
                 return
@@ -441,8 +441,7 @@ class Batcher:
         the queue (its last inputs were in this call) back into it."""
         back: Dict[Job, List[int]] = {}
         for job, i in rest:
-            if not job.over:
-                back.setdefault(job, []).append(i)
+            back.setdefault(job, []).append(i)
         with self._lock:
             started = self._queues[key].started
             for job, indices in back.items():

@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from research.bench.load import HOST, free_port
+from research.bench.load import HOST, Server, free_port, serve_command
 
 
 def parse_args(argv=None):
@@ -51,34 +50,22 @@ def main(argv=None):
     lines = [s.strip() for s in Path(args.text).read_text().splitlines() if s.strip()]
     if len(lines) < args.smalls + 1:
         raise SystemExit(f"{args.text}: {len(lines)} sentences, need {args.smalls + 1}")
-    env = dict(os.environ)
+    env = {}
     if args.code:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(args.code).resolve()),
-                                                          env.get("PYTHONPATH")]))
+                                                          os.environ.get("PYTHONPATH")]))
     cache = args.cache_dir or tempfile.mkdtemp(prefix="large-request-")
     port = free_port()
-    url = f"http://{HOST}:{port}"
-    argv = [sys.executable, "-c", "from fairseq_taskmoe.cli.serve import cli; cli()",
-            str(Path(args.checkpoint).resolve()), "--data", str(Path(args.data).resolve()),
-            *(["--spm-model", str(Path(args.spm_model).resolve())] if args.spm_model else []),
-            "--cache-dir", cache,
-            "--host", HOST, "--port", str(port), "--batch-limit", str(args.texts),
-            "--char-limit", str(sum(len(s) for s in lines) * (args.texts // len(lines) + 1)),
-            "--body-limit", "64MB", "--timeout", "900"]
-    log = open(Path(cache) / "server.log", "w")
-    server = subprocess.Popen(argv, env=env, cwd=tempfile.gettempdir(), stdout=log,
-                              stderr=subprocess.STDOUT)
+    extra = [*(["--spm-model", Path(args.spm_model).resolve()] if args.spm_model else []),
+             "--cache-dir", cache, "--batch-limit", args.texts,
+             "--char-limit", sum(len(s) for s in lines) * (args.texts // len(lines) + 1),
+             "--body-limit", "64MB", "--timeout", 900]
+    server = Server(serve_command(Path(args.checkpoint).resolve(), Path(args.data).resolve(),
+                                  port, *extra), f"http://{HOST}:{port}",
+                    Path(cache) / "server.log", env=env)
+    url = server.url
     try:
-        deadline = time.time() + 600
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"taskmoe-serve did not start: see {log.name}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        server.start(timeout=600)
         body = {"source": src, "target": tgt}
         httpx.post(url + "/translate", json={**body, "q": lines[0]}, timeout=120)  # warm-up
         large = [lines[i % len(lines)] for i in range(args.texts)]
@@ -103,8 +90,7 @@ def main(argv=None):
             time.sleep(args.gap)
         thread.join()
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
     print(json.dumps({"code": args.code or "this checkout", "small_latencies_s": latencies,
                       "small_median_s": round(statistics.median(latencies), 3),
                       "small_max_s": max(latencies), "large": {"status": out["large"][0],

@@ -149,8 +149,10 @@ class Server:
 
     has_batch_metrics = True  # /metrics counts engine calls (taskmoe_batch_requests)
 
-    def __init__(self, argv: List[str], url: str, log_path: Path):
+    def __init__(self, argv: List[str], url: str, log_path: Path,
+                 env: Optional[Dict[str, str]] = None):
         self.argv, self.url, self.log_path = argv, url, log_path
+        self.extra_env = env or {}  # more environment for the process (e.g. PYTHONPATH)
         self.proc: Optional[subprocess.Popen] = None
         self._peak = 0
         self._sampling = None
@@ -158,7 +160,7 @@ class Server:
     def launch(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONWARNINGS="ignore", **self.extra_env)
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=log,
                                      stderr=subprocess.STDOUT)
         log.close()
